@@ -1,12 +1,47 @@
-"""`mmutrace scenarios`: placeholder until its issue lands."""
+"""`mmutrace scenarios list|run`: the built-in KVM guests (mmutrace.scenarios).
+
+Examples:
+    mmutrace scenarios list
+    mmutrace scenarios run touch --size 100000          # ~150k shadow-MMU faults
+    mmutrace scenarios run mmu_pages_limit --seed 3 --json
+"""
+
+from __future__ import annotations
+
+from typing import Optional
 
 import typer
 
-from mmutrace.errors import MmutraceError
+from mmutrace.scenarios import SCENARIOS, ScenarioResult, run_scenario
+
+scenarios_app = typer.Typer(help="Run small deterministic KVM guests that each drive one MMU behaviour.",
+                            no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+@scenarios_app.command("list")
+def list_scenarios() -> None:
+    """Name, default size and the MMU behaviour of every scenario."""
+    width = max(map(len, SCENARIOS))
+    for s in SCENARIOS.values():
+        typer.echo(f"{s.name:<{width}}  {s.default_size:>6} {s.size_unit:<6}  {s.doc}")
+
+
+def summary(result: ScenarioResult) -> str:
+    return (f"{result.name}: seed {result.seed}, size {result.size}, {result.pages_touched} pages touched, "
+            f"{result.guest_exits} guest exits, {result.wall_s:.3f} s")
+
+
+@scenarios_app.command("run")
+def run(
+    name: str = typer.Argument(..., help="scenario name (see `mmutrace scenarios list`)"),
+    seed: int = typer.Option(0, help="seed of the access sequence (same seed, same accesses)"),
+    size: Optional[int] = typer.Option(None, help="scenario size; its unit is in `scenarios list`"),
+    json_: bool = typer.Option(False, "--json", help="print one JSON object instead of the summary"),
+) -> None:
+    """Run one scenario in a fresh VM, writing phase markers to trace_marker."""
+    result = run_scenario(name, seed=seed, size=size)
+    typer.echo(result.to_json() if json_ else summary(result))
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("scenarios")
-    def _placeholder() -> None:
-        """Not implemented yet."""
-        raise MmutraceError("'scenarios' is not implemented yet")
+    app.add_typer(scenarios_app, name="scenarios")

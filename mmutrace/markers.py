@@ -1,0 +1,39 @@
+"""Phase markers: one timestamped line per scenario phase, kept in Python and written to tracefs.
+
+Timestamps come from CLOCK_MONOTONIC, the clock ``bpf_ktime_get_ns()`` and tracefs' ``mono``
+trace_clock use, so a marker lines up with recorded events without any conversion.  Writing the
+same text to ``trace_marker`` puts it in the ftrace stream too (``print`` events), where tracefs
+captures and ``mmutrace import`` see it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from mmutrace.tracefs import TRACEFS
+
+
+def default_sinks() -> list[Path]:
+    """The top-level trace_marker when tracefs is mounted and writable, else nothing."""
+    marker = TRACEFS / "trace_marker"
+    return [marker] if marker.exists() and os.access(marker, os.W_OK) else []
+
+
+class Markers:
+    """Collects ``(monotonic ns, text)`` pairs in ``log`` and writes each text to every sink."""
+
+    def __init__(self, sinks: list[Path | str] | None = None) -> None:
+        self.sinks = [Path(p) for p in (default_sinks() if sinks is None else sinks)]
+        self.log: list[tuple[int, str]] = []
+
+    def emit(self, text: str) -> None:
+        self.log.append((time.clock_gettime_ns(time.CLOCK_MONOTONIC), text))
+        data = text.encode()
+        for sink in self.sinks:
+            fd = os.open(sink, os.O_WRONLY)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
