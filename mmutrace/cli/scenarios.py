@@ -22,8 +22,9 @@ scenarios_app = typer.Typer(help="Run small deterministic KVM guests that each d
 def list_scenarios() -> None:
     """Name, default size and the MMU behaviour of every scenario."""
     width = max(map(len, SCENARIOS))
+    unit_width = max(len(s.size_unit) for s in SCENARIOS.values())
     for s in SCENARIOS.values():
-        typer.echo(f"{s.name:<{width}}  {s.default_size:>6} {s.size_unit:<6}  {s.doc}")
+        typer.echo(f"{s.name:<{width}}  {s.default_size:>6} {s.size_unit:<{unit_width}}  {s.doc}")
 
 
 def summary(result: ScenarioResult) -> str:

@@ -6,6 +6,7 @@ the shadow MMU.  ``Guest`` is the entry point; ``Vm``/``Vcpu`` are the raw ioctl
 """
 
 from mmutrace.kvm.guest import Guest
+from mmutrace.kvm import uapi
 from mmutrace.kvm.interpreter import OP_READ, OP_WRITE, commands
 from mmutrace.kvm.memory import HUGE_PAGE_SIZE, PAGE_SIZE, HostMemory
 from mmutrace.kvm.paging import AddressSpace
@@ -13,4 +14,4 @@ from mmutrace.kvm.vcpu import GuestCrash, Vcpu
 from mmutrace.kvm.vm import Vm
 
 __all__ = ["AddressSpace", "Guest", "GuestCrash", "HUGE_PAGE_SIZE", "HostMemory", "OP_READ",
-           "OP_WRITE", "PAGE_SIZE", "Vcpu", "Vm", "commands"]
+           "OP_WRITE", "PAGE_SIZE", "Vcpu", "Vm", "commands", "uapi"]

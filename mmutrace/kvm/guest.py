@@ -110,7 +110,11 @@ class Guest:
     # ---- running -------------------------------------------------------------------------
 
     def run(self, vcpu: Vcpu, cmds: np.ndarray) -> None:
-        """Execute ``cmds`` (``COMMAND`` records) on ``vcpu``, one buffer-full per KVM_RUN batch."""
+        """Execute ``cmds`` (``COMMAND`` records) on ``vcpu``, one buffer-full per KVM_RUN batch.
+
+        The digest takes the commands as planned; afterwards each read's ``value`` holds what the
+        guest loaded.
+        """
         self._hashes[vcpu.id].update(cmds.tobytes())
         self._pages.append(cmds["addr"] >> np.uint64(12))
         base = CMD_GPA + vcpu.id * CMD_BYTES
@@ -121,6 +125,7 @@ class Guest:
             buf[:len(chunk)] = chunk
             buf[len(chunk)] = (OP_END, 0, 0)
             self._run_batch(vcpu)
+            chunk["value"] = buf["value"][:len(chunk)]
 
     def _run_batch(self, vcpu: Vcpu) -> None:
         """KVM_RUN until the guest's ``out`` to BATCH_PORT, answering MMIO exits on the way."""

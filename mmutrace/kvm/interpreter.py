@@ -6,7 +6,8 @@ real guest load or store that the shadow MMU must fault in.  Ops:
 
 - ``OP_END`` (0): ``out`` to ``BATCH_PORT`` — KVM_EXIT_IO, the host refills the buffer and re-enters;
   the guest then restarts from the top of the buffer.
-- ``OP_READ`` (1): load the qword at ``addr`` (a page fault, an MMIO exit or nothing).
+- ``OP_READ`` (1): load the qword at ``addr`` (a page fault, an MMIO exit or nothing) and store it
+  into the command's ``value`` field, so the host can check what the guest saw.
 - ``OP_WRITE`` (2): store ``value`` at ``addr``.
 
 Register use: r15 = guest-virtual address of this vCPU's command buffer (set once by the host, so
@@ -37,6 +38,7 @@ _PROGRAM: tuple[tuple[str | None, bytes, str | None], ...] = (
     (None, bytes([0xE6, BATCH_PORT]), None),     # out BATCH_PORT, al  ; OP_END: exit to the host
     (None, bytes.fromhex("eb00"), "start"),      # jmp start           ; next batch
     ("read", bytes.fromhex("488b02"), None),     # mov rax, [rdx]
+    (None, bytes.fromhex("488946f8"), None),     # mov [rsi-8], rax    ; report it in .value
     (None, bytes.fromhex("eb00"), "loop"),       # jmp loop
     ("write", bytes.fromhex("48890a"), None),    # mov [rdx], rcx
     (None, bytes.fromhex("eb00"), "loop"),       # jmp loop

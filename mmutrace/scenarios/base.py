@@ -7,7 +7,7 @@ import os
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -66,13 +66,15 @@ class ScenarioRun:
         self._stack.callback(mem.close)
         return mem
 
-    def data_memslot(self, aspace: AddressSpace, size: int, *, huge: bool = False, thp: bool = False,
-                     flags: int = 0) -> HostMemory:
-        """Back ``size`` bytes at DATA_GPA with fresh host memory (slot DATA_SLOT), identity-mapped."""
+    def data_memslot(self, spaces: AddressSpace | Sequence[AddressSpace], size: int, *, huge: bool = False,
+                     thp: bool = False, flags: int = 0) -> HostMemory:
+        """Back ``size`` bytes at DATA_GPA with fresh host memory (slot DATA_SLOT), identity-mapped
+        in each of ``spaces`` (2M guest pages when ``huge``)."""
         assert self.guest is not None
         mem = self.memory(size, thp=thp)
         self.guest.vm.set_user_memory_region(DATA_SLOT, DATA_GPA, mem, flags=flags)
-        aspace.map(DATA_GPA, DATA_GPA, size, huge=huge)
+        for aspace in [spaces] if isinstance(spaces, AddressSpace) else spaces:
+            aspace.map(DATA_GPA, DATA_GPA, size, huge=huge)
         return mem
 
 
@@ -97,11 +99,13 @@ class Scenario:
     min_size: int
     max_size: int
     body: Callable[[ScenarioRun], None]
+    size_step: int = 1
 
     def check_size(self, size: int) -> int:
-        if not self.min_size <= size <= self.max_size:
+        step = f" in steps of {self.size_step}" if self.size_step > 1 else ""
+        if not self.min_size <= size <= self.max_size or size % self.size_step:
             raise UsageError(f"scenario {self.name!r}: size must be {self.min_size}..{self.max_size} "
-                             f"{self.size_unit}, got {size}")
+                             f"{self.size_unit}{step}, got {size}")
         return size
 
     def run(self, seed: int = 0, size: int | None = None, markers: Markers | None = None) -> ScenarioResult:
