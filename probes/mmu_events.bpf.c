@@ -1,0 +1,658 @@
+/*
+ * mmu_events.bpf.c: every kvmmmu event, the MMU's kvm events and the KVM ioctls, as fixed-size
+ * records in one BPF ring buffer.
+ *
+ * Compiled by bcc at start-up (probes/loader.py).  The loader prepends:
+ *   OFF_<struct>__<member>[__<member>] / SZ_...   kernel struct layout, from the running kernel's
+ *                                                 BTF (never from headers: they may be another
+ *                                                 release's)
+ *   EV_<event>                                    index of the event in mmutrace.schema.EVENTS
+ *   WANT_<event>                                  1 for the events asked for, else 0
+ *   FILTER                                        1: only targeted processes and their VMs
+ *   NR_EVENTS, RINGBUF_PAGES, NR_SLOTS
+ *
+ * Raw tracepoints get the TP_PROTO arguments (kernel structs) instead of the formatted record: they
+ * are cheaper, and the structs hold the inputs the printed fields lack (the fault's address, error
+ * code, memslot and levels; the shadow page's address; the VM's MMU page counters).  What each
+ * slot f[i] of a record holds is listed per event in probes/layout.py (SLOTS), in the order the
+ * probes below fill them.  kvm_exit is the one formatted tracepoint: its exit reason and info come
+ * from a vendor callback (kvm_pvm here) that a raw tracepoint cannot call.
+ */
+
+typedef u64 gpa_t;
+typedef u64 gfn_t;
+
+struct mmu_record {
+	u64 ts_ns;
+	u64 vm;         /* struct kvm *, 0 = unknown */
+	u32 seq;        /* per-CPU; a gap is a lost record */
+	s32 pid;        /* tgid */
+	s32 tid;
+	s32 vcpu;       /* vcpu_id, -1 = not on a vCPU thread */
+	u16 cpu;
+	u16 event;      /* EV_* */
+	u32 nulls;      /* bit i set: f[i] is null */
+	u64 f[NR_SLOTS];
+};
+
+/* What kvm_entry learnt about the thread: later events on it belong to this VM and vCPU. */
+struct vcpu_ctx {
+	u64 kvm;
+	s32 vcpu_id;
+	s32 pad;
+};
+
+/* A KVM ioctl between sys_enter and sys_exit. */
+struct pending_ioctl {
+	u64 vm;
+	u32 cmd;
+	s32 vcpu;
+};
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(seqs, u32, 1);
+BPF_PERCPU_ARRAY(lost, u64, 1);
+BPF_PERCPU_ARRAY(hits, u64, NR_EVENTS);
+BPF_HASH(targets, u32, u8, 1024);               /* tgids recorded (FILTER) */
+BPF_HASH(vms, u64, u8, 256);                    /* struct kvm * of VMs owned by targets */
+BPF_TABLE("lru_hash", u32, struct vcpu_ctx, vcpu_of_tid, 4096);
+BPF_HASH(vm_of_tgid, u32, u64, 1024);
+BPF_HASH(ioctls, u32, struct pending_ioctl, 1024);
+
+#define F(p, path) rd((u64)(p), OFF_##path, SZ_##path)
+#define PACK2(lo, hi) (((u64)(u32)(lo)) | ((u64)(hi) << 32))
+
+/* A little-endian read of one kernel struct member; 0 when the pointer is bad. */
+static __always_inline u64 rd(u64 base, u32 off, u32 size)
+{
+	u64 v = 0;
+	bpf_probe_read_kernel(&v, size, (void *)(base + off));
+	return v;
+}
+
+static __always_inline u64 rd_user(u64 addr, u32 size)
+{
+	u64 v = 0;
+	bpf_probe_read_user(&v, size, (void *)addr);
+	return v;
+}
+
+static __always_inline u64 mmu_pages(u64 kvm)
+{
+	return PACK2(F(kvm, kvm__arch__n_used_mmu_pages), F(kvm, kvm__arch__n_max_mmu_pages));
+}
+
+/*
+ * Start a record of @event, or return NULL when the event is filtered out or the ring is full
+ * (counted in lost).  @kvm/@vcpu_id: the event's own VM and vCPU when its arguments name them,
+ * else 0/-1 and they are taken from what kvm_entry learnt about the current thread.
+ */
+static __always_inline struct mmu_record *record_begin(u32 event, u64 kvm, s32 vcpu_id)
+{
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid, zero = 0;
+
+	if (!kvm) {
+		struct vcpu_ctx *ctx = vcpu_of_tid.lookup(&tid);
+		if (ctx) {
+			kvm = ctx->kvm;
+			vcpu_id = ctx->vcpu_id;
+		} else {
+			u64 *owned = vm_of_tgid.lookup(&tgid);
+			if (owned)
+				kvm = *owned;
+		}
+	}
+#if FILTER
+	if (!targets.lookup(&tgid) && !(kvm && vms.lookup(&kvm)))
+		return NULL;
+#endif
+	hits.increment(event);
+	u32 *seq = seqs.lookup(&zero);
+	if (!seq)
+		return NULL;
+	u32 n = (*seq)++;
+	struct mmu_record *r = events.ringbuf_reserve(sizeof(struct mmu_record));
+	if (!r) {
+		lost.increment(zero);
+		return NULL;
+	}
+	r->ts_ns = bpf_ktime_get_ns();
+	r->vm = kvm;
+	r->seq = n;
+	r->pid = tgid;
+	r->tid = tid;
+	r->vcpu = vcpu_id;
+	r->cpu = bpf_get_smp_processor_id();
+	r->event = event;
+	r->nulls = 0;
+	return r;
+}
+
+/* No wake-up per record: the consumer polls, which is far cheaper at a million events a second. */
+static __always_inline void record_end(struct mmu_record *r)
+{
+	events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+}
+
+#define BEGIN_ID(event, kvm, vcpu_id)                                \
+	struct mmu_record *r = record_begin((event), (kvm), (vcpu_id)); \
+	if (!r)                                                      \
+		return 0
+#define BEGIN(ev, kvm, vcpu_id) BEGIN_ID(EV_##ev, kvm, vcpu_id)
+
+/*
+ * Events whose TP_PROTO arguments are the printed fields, all unsigned (or never negative): f[i] is
+ * argument i.  Raw tracepoint arguments arrive zero-extended to u64 (__CAST_TO_U64), so a signed
+ * argument that can be negative needs its own probe that sign-extends it.
+ */
+#define ARGS_PROBE(ev, nr_args)                                  \
+	RAW_TRACEPOINT_PROBE(ev)                                 \
+	{                                                        \
+		BEGIN(ev, 0, -1);                                \
+		_Pragma("unroll")                                \
+		for (int i = 0; i < (nr_args); i++)              \
+			r->f[i] = ctx->args[i];                  \
+		record_end(r);                                   \
+		return 0;                                        \
+	}
+
+#if WANT_kvm_mmu_pagetable_walk
+ARGS_PROBE(kvm_mmu_pagetable_walk, 2)		/* (u64 addr, u32 pferr) */
+#endif
+#if WANT_kvm_mmu_paging_element
+ARGS_PROBE(kvm_mmu_paging_element, 2)		/* (u64 pte, int level) */
+#endif
+#if WANT_kvm_mmu_walker_error
+ARGS_PROBE(kvm_mmu_walker_error, 1)		/* (u32 pferr) */
+#endif
+#if WANT_kvm_tdp_mmu_spte_changed
+ARGS_PROBE(kvm_tdp_mmu_spte_changed, 5)	/* (int as_id, gfn_t, int level, u64 old, u64 new) */
+#endif
+#if WANT_handle_mmio_page_fault
+ARGS_PROBE(handle_mmio_page_fault, 3)		/* (u64 addr, gfn_t gfn, unsigned access) */
+#endif
+#if WANT_check_mmio_spte
+ARGS_PROBE(check_mmio_spte, 3)			/* (u64 spte, unsigned kvm_gen, unsigned spte_gen) */
+#endif
+#if WANT_kvm_unmap_hva_range
+ARGS_PROBE(kvm_unmap_hva_range, 2)		/* (unsigned long start, unsigned long end) */
+#endif
+#if WANT_kvm_age_hva
+ARGS_PROBE(kvm_age_hva, 2)			/* (unsigned long start, unsigned long end) */
+#endif
+#if WANT_kvm_test_age_hva
+ARGS_PROBE(kvm_test_age_hva, 1)		/* (unsigned long hva) */
+#endif
+
+/* ---- kvmmmu: guest page-table walker (paging_tmpl.h) ---- */
+
+
+
+/* (unsigned long table_gfn, unsigned index, unsigned size): gpa as the tracepoint prints it. */
+#define AD_BIT_PROBE(ev)                                                                  \
+	RAW_TRACEPOINT_PROBE(ev)                                                          \
+	{                                                                                 \
+		BEGIN(ev, 0, -1);                                                         \
+		r->f[0] = (ctx->args[0] << 12) + (u32)ctx->args[1] * (u32)ctx->args[2];   \
+		record_end(r);                                                            \
+		return 0;                                                                 \
+	}
+#if WANT_kvm_mmu_set_accessed_bit
+AD_BIT_PROBE(kvm_mmu_set_accessed_bit)
+#endif
+#if WANT_kvm_mmu_set_dirty_bit
+AD_BIT_PROBE(kvm_mmu_set_dirty_bit)
+#endif
+
+
+/* ---- kvmmmu: shadow pages (struct kvm_mmu_page *) ---- */
+
+/* KVM_MMU_PAGE_FIELDS of mmutrace.h, plus the page's address (its identity while it lives). */
+static __always_inline void mmu_page_fields(struct mmu_record *r, u64 sp)
+{
+	r->f[0] = F(sp, kvm_mmu_page__mmu_valid_gen);
+	r->f[1] = F(sp, kvm_mmu_page__gfn);
+	r->f[2] = F(sp, kvm_mmu_page__role);
+	r->f[3] = F(sp, kvm_mmu_page__root_count);
+	r->f[4] = F(sp, kvm_mmu_page__unsync);
+	r->f[5] = sp;
+}
+
+/* The VM's page counters; null when the thread's VM is unknown (not a vCPU thread). */
+static __always_inline void mmu_pages_slot(struct mmu_record *r, int slot)
+{
+	if (r->vm)
+		r->f[slot] = mmu_pages(r->vm);
+	else
+		r->nulls |= 1 << slot;
+}
+
+#if WANT_kvm_mmu_get_page
+RAW_TRACEPOINT_PROBE(kvm_mmu_get_page)	/* (struct kvm_mmu_page *sp, bool created) */
+{
+	BEGIN(kvm_mmu_get_page, 0, -1);
+	mmu_page_fields(r, ctx->args[0]);
+	r->f[6] = (u8)ctx->args[1];
+	mmu_pages_slot(r, 7);
+	record_end(r);
+	return 0;
+}
+#endif
+
+#define MMU_PAGE_PROBE(ev)                              \
+	RAW_TRACEPOINT_PROBE(ev)                        \
+	{                                               \
+		BEGIN(ev, 0, -1);                       \
+		mmu_page_fields(r, ctx->args[0]);       \
+		record_end(r);                          \
+		return 0;                               \
+	}
+#if WANT_kvm_mmu_sync_page
+MMU_PAGE_PROBE(kvm_mmu_sync_page)
+#endif
+#if WANT_kvm_mmu_unsync_page
+MMU_PAGE_PROBE(kvm_mmu_unsync_page)
+#endif
+
+#if WANT_kvm_mmu_prepare_zap_page
+RAW_TRACEPOINT_PROBE(kvm_mmu_prepare_zap_page)	/* (struct kvm_mmu_page *sp) */
+{
+	BEGIN(kvm_mmu_prepare_zap_page, 0, -1);
+	mmu_page_fields(r, ctx->args[0]);
+	mmu_pages_slot(r, 6);
+	record_end(r);
+	return 0;
+}
+#endif
+
+#if WANT_kvm_mmu_zap_all_fast
+RAW_TRACEPOINT_PROBE(kvm_mmu_zap_all_fast)	/* (struct kvm *kvm) */
+{
+	u64 kvm = ctx->args[0];
+	BEGIN(kvm_mmu_zap_all_fast, kvm, -1);
+	r->f[0] = F(kvm, kvm__arch__mmu_valid_gen);
+	r->f[1] = mmu_pages(kvm);
+	record_end(r);
+	return 0;
+}
+#endif
+
+/* ---- kvmmmu: SPTEs ---- */
+
+#if WANT_kvm_mmu_spte_requested
+RAW_TRACEPOINT_PROBE(kvm_mmu_spte_requested)	/* (struct kvm_page_fault *fault) */
+{
+	u64 fault = ctx->args[0];
+	BEGIN(kvm_mmu_spte_requested, 0, -1);
+	u64 gfn = F(fault, kvm_page_fault__gfn);
+	u64 goal_level = F(fault, kvm_page_fault__goal_level);
+	/* The tracepoint's pfn: the 4K frame of gfn inside a huge mapping. */
+	u64 huge_mask = (1ULL << (((goal_level - 1) & 3) * 9)) - 1;
+	u64 slot = F(fault, kvm_page_fault__slot);
+
+	r->f[0] = gfn;
+	r->f[1] = F(fault, kvm_page_fault__pfn) | (gfn & huge_mask);
+	r->f[2] = F(fault, kvm_page_fault__addr);
+	r->f[3] = F(fault, kvm_page_fault__error_code);
+	r->f[4] = goal_level | F(fault, kvm_page_fault__max_level) << 8 |
+		  F(fault, kvm_page_fault__req_level) << 16 |
+		  F(fault, kvm_page_fault__map_writable) << 24 |
+		  F(fault, kvm_page_fault__prefetch) << 25;
+	if (slot) {
+		r->f[5] = PACK2(F(slot, kvm_memory_slot__flags), F(slot, kvm_memory_slot__id));
+		r->f[6] = F(slot, kvm_memory_slot__base_gfn);
+		r->f[7] = F(slot, kvm_memory_slot__npages);
+		r->f[8] = F(slot, kvm_memory_slot__userspace_addr);
+	} else {
+		r->nulls |= 0xf << 5;	/* no memslot: MMIO or a private fault */
+	}
+	mmu_pages_slot(r, 9);
+	record_end(r);
+	return 0;
+}
+#endif
+
+#if WANT_kvm_mmu_set_spte
+RAW_TRACEPOINT_PROBE(kvm_mmu_set_spte)	/* (int level, gfn_t gfn, u64 *sptep) */
+{
+	BEGIN(kvm_mmu_set_spte, 0, -1);
+	r->f[0] = ctx->args[1];
+	r->f[1] = rd(ctx->args[2], 0, 8);
+	r->f[2] = ctx->args[2];
+	r->f[3] = (u32)ctx->args[0];
+	record_end(r);
+	return 0;
+}
+#endif
+
+#if WANT_kvm_mmu_split_huge_page
+RAW_TRACEPOINT_PROBE(kvm_mmu_split_huge_page)	/* (u64 gfn, u64 spte, int level, int errno) */
+{
+	BEGIN(kvm_mmu_split_huge_page, 0, -1);
+	r->f[0] = ctx->args[0];
+	r->f[1] = ctx->args[1];
+	r->f[2] = (u32)ctx->args[2];
+	r->f[3] = (s64)(int)ctx->args[3];
+	record_end(r);
+	return 0;
+}
+#endif
+
+
+#if WANT_fast_page_fault
+/* (struct kvm_vcpu *, struct kvm_page_fault *, u64 *sptep, u64 old_spte, int ret) */
+RAW_TRACEPOINT_PROBE(fast_page_fault)
+{
+	u64 vcpu = ctx->args[0], fault = ctx->args[1], sptep = ctx->args[2];
+	BEGIN(fast_page_fault, F(vcpu, kvm_vcpu__kvm), F(vcpu, kvm_vcpu__vcpu_id));
+	r->f[0] = F(fault, kvm_page_fault__addr);
+	r->f[1] = F(fault, kvm_page_fault__error_code);
+	r->f[2] = sptep;
+	r->f[3] = ctx->args[3];
+	r->f[4] = rd(sptep, 0, 8);	/* the tracepoint re-reads *sptep too */
+	r->f[5] = (s64)(int)ctx->args[4];
+	record_end(r);
+	return 0;
+}
+#endif
+
+/* ---- kvmmmu: MMIO SPTEs (mmio_caching=N hosts never fire these) ---- */
+
+#if WANT_mark_mmio_spte
+RAW_TRACEPOINT_PROBE(mark_mmio_spte)	/* (u64 *sptep, gfn_t gfn, u64 spte) */
+{
+	u64 spte = ctx->args[2];
+	BEGIN(mark_mmio_spte, 0, -1);
+	r->f[0] = ctx->args[0];
+	r->f[1] = ctx->args[1];
+	r->f[2] = spte & 7;	/* ACC_ALL */
+	/* get_mmio_spte_generation(): gen bits 0-7 in SPTE bits 3-10, bits 8-18 in SPTE bits 52-62 */
+	r->f[3] = ((spte >> 3) & 0xff) | (((spte >> 52) & 0x7ff) << 8);
+	record_end(r);
+	return 0;
+}
+#endif
+
+
+
+/* ---- kvm: vCPU events ---- */
+
+#define VCPU_REGS_RIP 16
+#define vcpu_rip(vcpu) rd((vcpu), OFF_kvm_vcpu__arch__regs + VCPU_REGS_RIP * 8, 8)
+
+#if WANT_kvm_page_fault
+RAW_TRACEPOINT_PROBE(kvm_page_fault)	/* (struct kvm_vcpu *, u64 fault_address, u64 error_code) */
+{
+	u64 vcpu = ctx->args[0];
+	BEGIN(kvm_page_fault, F(vcpu, kvm_vcpu__kvm), F(vcpu, kvm_vcpu__vcpu_id));
+	r->f[0] = vcpu_rip(vcpu);
+	r->f[1] = ctx->args[1];
+	r->f[2] = ctx->args[2];
+	record_end(r);
+	return 0;
+}
+#endif
+
+/*
+ * What a vCPU thread runs: later events on the thread belong to this VM and vCPU, and events on
+ * other threads of the process to this VM.  Learnt at KVM_RUN (every backend) and at kvm_entry
+ * (which the PVM backend does not emit).
+ */
+static __always_inline void learn_vcpu(u64 kvm, s32 vcpu_id)
+{
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
+	struct vcpu_ctx *known = vcpu_of_tid.lookup(&tid);
+
+	if (known && known->kvm == kvm && known->vcpu_id == vcpu_id)
+		return;
+	struct vcpu_ctx c = {.kvm = kvm, .vcpu_id = vcpu_id};
+	u8 one = 1;
+	vcpu_of_tid.update(&tid, &c);
+	vm_of_tgid.update(&tgid, &kvm);
+	if (targets.lookup(&tgid))
+		vms.update(&kvm, &one);
+}
+
+RAW_TRACEPOINT_PROBE(kvm_entry)	/* (struct kvm_vcpu *, bool force_immediate_exit) */
+{
+	u64 vcpu = ctx->args[0], kvm = F(vcpu, kvm_vcpu__kvm);
+	s32 vcpu_id = F(vcpu, kvm_vcpu__vcpu_id);
+
+	learn_vcpu(kvm, vcpu_id);
+#if WANT_kvm_entry
+	BEGIN(kvm_entry, kvm, vcpu_id);
+	r->f[0] = vcpu_rip(vcpu);
+	r->f[1] = mmu_pages(kvm);
+	record_end(r);
+#endif
+	return 0;
+}
+
+#if WANT_kvm_exit
+TRACEPOINT_PROBE(kvm, kvm_exit)
+{
+	BEGIN(kvm_exit, 0, args->vcpu_id);
+	r->f[0] = args->exit_reason;
+	r->f[1] = args->guest_rip;
+	r->f[2] = args->info1;
+	r->f[3] = args->info2;
+	r->f[4] = args->error_code;
+	record_end(r);
+	return 0;
+}
+#endif
+
+/* ---- kvm: emulated I/O ---- */
+
+
+
+/* The first @len bytes at @val, as the tracepoints copy them (0 when there is no buffer). */
+static __always_inline u64 io_value(u64 val, u32 len)
+{
+	u64 v = val ? rd(val, 0, 8) : 0;
+	return len >= 8 ? v : v & ((1ULL << (len * 8)) - 1);
+}
+
+#if WANT_kvm_mmio
+RAW_TRACEPOINT_PROBE(kvm_mmio)	/* (int type, int len, u64 gpa, void *val) */
+{
+	u32 len = (u32)ctx->args[1];
+	BEGIN(kvm_mmio, 0, -1);
+	r->f[0] = (u32)ctx->args[0];
+	r->f[1] = len;
+	r->f[2] = ctx->args[2];
+	r->f[3] = io_value(ctx->args[3], len);
+	record_end(r);
+	return 0;
+}
+#endif
+
+#if WANT_kvm_pio
+RAW_TRACEPOINT_PROBE(kvm_pio)	/* (unsigned rw, unsigned port, unsigned size, unsigned count, void *data) */
+{
+	u32 size = (u32)ctx->args[2];
+	BEGIN(kvm_pio, 0, -1);
+	r->f[0] = (u32)ctx->args[0];
+	r->f[1] = (u32)ctx->args[1];
+	r->f[2] = size;
+	r->f[3] = (u32)ctx->args[3];
+	r->f[4] = io_value(ctx->args[4], size & 7);
+	record_end(r);
+	return 0;
+}
+#endif
+
+#if WANT_kvm_userspace_exit
+RAW_TRACEPOINT_PROBE(kvm_userspace_exit)	/* (__u32 reason, int errno) */
+{
+	BEGIN(kvm_userspace_exit, 0, -1);
+	r->f[0] = (u32)ctx->args[0];
+	r->f[1] = (s64)(int)ctx->args[1];
+	record_end(r);
+	return 0;
+}
+#endif
+
+/* ---- KVM ioctls (syscall tracepoints; argument structs are read from user memory) ---- */
+/* sys_enter_ioctl is always attached: KVM_RUN tells which VM and vCPU a thread runs. */
+
+#define KVMIO 0xAE
+#define KVM_RUN 0xAE80
+#define KVM_CREATE_VM 0xAE01
+#define KVM_CREATE_VCPU 0xAE41
+#define KVM_SET_NR_MMU_PAGES 0xAE44
+#define KVM_GET_DIRTY_LOG 0x4010AE42
+#define KVM_SET_USER_MEMORY_REGION 0x4020AE46
+#define KVM_SET_USER_MEMORY_REGION2 0x40A0AE49
+#define KVM_SET_SREGS 0x4138AE84
+#define KVM_CLEAR_DIRTY_LOG 0xC018AEC0
+/* struct kvm_sregs (uapi): 8 kvm_segment (24 bytes) + gdt, idt (16 bytes) then the CRs. */
+#define SREGS_CR0 224
+#define SREGS_CR3 240
+#define SREGS_CR4 248
+#define SREGS_EFER 264
+
+/* file->private_data of the caller's @fd: the struct kvm of a VM fd, the kvm_vcpu of a vCPU fd. */
+static __always_inline u64 fd_private_data(u64 fd)
+{
+	u64 task = bpf_get_current_task();
+	u64 fdt = F(F(task, task_struct__files), files_struct__fdt);
+	u64 file;
+
+	if (fd >= F(fdt, fdtable__max_fds))
+		return 0;
+	file = rd(F(fdt, fdtable__fd), fd * 8, 8);
+	return file ? F(file, file__private_data) : 0;
+}
+
+static __always_inline u32 ioctl_event(u32 cmd)
+{
+	switch (cmd) {
+	case KVM_SET_USER_MEMORY_REGION:
+	case KVM_SET_USER_MEMORY_REGION2:
+		return WANT_ioctl_set_user_memory_region ? EV_ioctl_set_user_memory_region : NR_EVENTS;
+	case KVM_SET_NR_MMU_PAGES:
+		return WANT_ioctl_set_nr_mmu_pages ? EV_ioctl_set_nr_mmu_pages : NR_EVENTS;
+	case KVM_SET_SREGS:
+		return WANT_ioctl_set_sregs ? EV_ioctl_set_sregs : NR_EVENTS;
+	case KVM_GET_DIRTY_LOG:
+		return WANT_ioctl_get_dirty_log ? EV_ioctl_get_dirty_log : NR_EVENTS;
+	case KVM_CLEAR_DIRTY_LOG:
+		return WANT_ioctl_clear_dirty_log ? EV_ioctl_clear_dirty_log : NR_EVENTS;
+	case KVM_CREATE_VM:
+		return WANT_ioctl_create_vm ? EV_ioctl_create_vm : NR_EVENTS;
+	case KVM_CREATE_VCPU:
+		return WANT_ioctl_create_vcpu ? EV_ioctl_create_vcpu : NR_EVENTS;
+	}
+	return NR_EVENTS;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+	u32 cmd = args->cmd, event = ioctl_event(cmd);
+	u64 arg = args->arg, obj, vm = 0;
+	s32 vcpu_id = -1;
+
+	if (((cmd >> 8) & 0xff) != KVMIO)
+		return 0;
+	if (cmd == KVM_RUN) {
+		obj = fd_private_data(args->fd);
+		learn_vcpu(F(obj, kvm_vcpu__kvm), F(obj, kvm_vcpu__vcpu_id));
+		return 0;
+	}
+	if (event == NR_EVENTS)
+		return 0;
+	obj = fd_private_data(args->fd);
+	if (cmd == KVM_SET_SREGS) {
+		vm = F(obj, kvm_vcpu__kvm);
+		vcpu_id = F(obj, kvm_vcpu__vcpu_id);
+	} else if (cmd != KVM_CREATE_VM) {
+		vm = obj;
+	}
+	BEGIN_ID(event, vm, vcpu_id);
+	switch (cmd) {
+	case KVM_SET_USER_MEMORY_REGION:
+	case KVM_SET_USER_MEMORY_REGION2: {
+		/* struct kvm_userspace_memory_region: slot, flags, guest_phys_addr, memory_size, userspace_addr */
+		u64 gpa = rd_user(arg + 8, 8), size = rd_user(arg + 16, 8);
+		r->f[0] = rd_user(arg, 4);
+		r->f[1] = rd_user(arg + 4, 4);
+		r->f[2] = gpa;
+		r->f[3] = size;
+		if (size >> 32)
+			r->nulls |= 1 << 3;
+		r->f[4] = gpa >> 12;
+		r->f[5] = size >> 12;
+		r->f[6] = rd_user(arg + 24, 8);
+		break;
+	}
+	case KVM_SET_NR_MMU_PAGES:
+	case KVM_CREATE_VCPU:
+		r->f[0] = arg;
+		break;
+	case KVM_SET_SREGS:
+		r->f[0] = rd_user(arg + SREGS_CR0, 8);
+		r->f[1] = rd_user(arg + SREGS_CR3, 8);
+		r->f[2] = rd_user(arg + SREGS_CR4, 8);
+		r->f[3] = rd_user(arg + SREGS_EFER, 8);
+		break;
+	case KVM_GET_DIRTY_LOG:		/* struct kvm_dirty_log: slot, padding, bitmap */
+		r->f[0] = rd_user(arg, 4);
+		break;
+	case KVM_CLEAR_DIRTY_LOG:	/* struct kvm_clear_dirty_log: slot, num_pages, first_page */
+		r->f[0] = rd_user(arg, 4);
+		r->f[1] = rd_user(arg + 8, 8);
+		r->f[2] = rd_user(arg + 4, 4);
+		break;
+	}
+	record_end(r);
+#if WANT_ioctl_ret
+	struct pending_ioctl p = {.vm = vm, .cmd = cmd, .vcpu = vcpu_id};
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	ioctls.update(&tid, &p);
+#endif
+	return 0;
+}
+
+#if WANT_ioctl_ret
+TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct pending_ioctl *p = ioctls.lookup(&tid);
+	s64 ret = args->ret;
+
+	if (!p)
+		return 0;
+	u64 vm = p->vm;
+	s32 vcpu_id = p->vcpu;
+	u32 cmd = p->cmd;
+	ioctls.delete(&tid);
+	if (cmd == KVM_CREATE_VM && ret >= 0) {
+		u32 tgid = bpf_get_current_pid_tgid() >> 32;
+		u8 one = 1;
+		vm = fd_private_data(ret);	/* the new VM's fd */
+		if (vm && targets.lookup(&tgid))
+			vms.update(&vm, &one);
+	}
+	BEGIN(ioctl_ret, vm, vcpu_id);
+	r->f[0] = cmd;
+	r->f[1] = ret;
+	record_end(r);
+	return 0;
+}
+#endif
+
+/* Children of a targeted process are targets too (a VMM that forks its vCPU workers). */
+#if FILTER
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+	u32 tgid = bpf_get_current_pid_tgid() >> 32, child = args->child_pid;
+	u8 one = 1;
+
+	if (targets.lookup(&tgid))
+		targets.update(&child, &one);
+	return 0;
+}
+#endif
