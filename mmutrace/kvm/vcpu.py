@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from typing import TYPE_CHECKING
 
 from mmutrace.errors import MmutraceError
@@ -29,6 +30,7 @@ class Vcpu:
                                    what="mmap(vcpu kvm_run)")
         self.run_page = uapi.kvm_run.from_address(self._run_addr)
         self.exits = 0  # KVM_RUN returns, i.e. exits to userspace
+        self.tid = 0  # host thread id that last ran it: the tid of its trace events
 
     def get_regs(self) -> uapi.kvm_regs:
         regs = uapi.kvm_regs()
@@ -51,6 +53,7 @@ class Vcpu:
 
         EINTR (a host signal) is reported as ``KvmExit.INTR`` so the caller simply re-enters.
         """
+        self.tid = threading.get_native_id()
         try:
             libc.ioctl(self.fd, uapi.KVM_RUN, None, what="KVM_RUN")
         except libc.SyscallError as exc:

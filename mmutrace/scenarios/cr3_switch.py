@@ -26,6 +26,7 @@ def run(ctx: ScenarioRun) -> None:
     spaces = [guest.new_address_space() for _ in range(k)]
     ctx.data_memslot(spaces, DATA_PAGES * PAGE_SIZE)
     vcpu = guest.add_vcpu(spaces[0])
+    ctx.details["root_gfns"] = [aspace.cr3 >> 12 for aspace in spaces]
 
     def batch(aspace_index: int) -> None:
         guest.set_cr3(vcpu, spaces[aspace_index])
@@ -37,8 +38,10 @@ def run(ctx: ScenarioRun) -> None:
     for i in range(k):
         batch(i)
     ctx.phase("switch")
-    for i in ctx.rng.integers(0, k, 4 * k):
+    switches = ctx.rng.integers(0, k, 4 * k)
+    for i in switches:
         batch(int(i))
+    ctx.details["switches"] = len(switches)
 
 
 SCENARIO = Scenario(

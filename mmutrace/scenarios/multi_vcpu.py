@@ -13,6 +13,7 @@ page again in their own orders.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,13 +22,19 @@ from mmutrace.kvm import OP_READ, OP_WRITE, PAGE_SIZE, Guest, Vcpu, commands
 from mmutrace.scenarios.base import Scenario, ScenarioRun, page_addrs, pt_pages_for
 
 VCPUS = 2
+PHASES = ("parallel", "shared_write")
 
 
-def run_parallel(guest: Guest, plans: list[tuple[Vcpu, np.ndarray]]) -> None:
-    """Run each vCPU's commands in its own thread; re-raise the first failure."""
-    with ThreadPoolExecutor(len(plans)) as pool:
-        for future in [pool.submit(guest.run, vcpu, cmds) for vcpu, cmds in plans]:
-            future.result()
+def vcpu_thread(guest: Guest, vcpu: Vcpu, phases: list[np.ndarray], barrier: threading.Barrier) -> None:
+    """One host thread per vCPU for the whole run (as in QEMU): each phase starts and ends on the barrier."""
+    try:
+        for cmds in phases:
+            barrier.wait()
+            guest.run(vcpu, cmds)
+            barrier.wait()
+    except BaseException:
+        barrier.abort()
+        raise
 
 
 def run(ctx: ScenarioRun) -> None:
@@ -44,12 +51,23 @@ def run(ctx: ScenarioRun) -> None:
         ops = OP_WRITE if write_only else ctx.rng.choice([OP_READ, OP_WRITE], len(order))
         return commands(ops, page_addrs(order), order)
 
-    ctx.phase("parallel")
-    run_parallel(guest, [
-        (vcpu, plan(np.concatenate([np.arange(shared), shared + i * private + np.arange(private)])))
-        for i, vcpu in enumerate(vcpus)])
-    ctx.phase("shared_write")
-    run_parallel(guest, [(vcpu, plan(np.arange(shared), write_only=True)) for vcpu in vcpus])
+    # Every access is planned before any thread starts, so the sequence does not depend on timing.
+    plans = [[plan(np.concatenate([np.arange(shared), shared + i * private + np.arange(private)])),
+              plan(np.arange(shared), write_only=True)] for i in range(VCPUS)]
+    barrier = threading.Barrier(VCPUS + 1)
+    with ThreadPoolExecutor(VCPUS) as pool:
+        threads = [pool.submit(vcpu_thread, guest, vcpu, phases, barrier) for vcpu, phases in zip(vcpus, plans)]
+        try:
+            for phase in PHASES:
+                ctx.phase(phase)
+                barrier.wait()
+                barrier.wait()
+        except threading.BrokenBarrierError:
+            pass  # a vCPU thread failed: its exception is raised below
+        for thread in threads:
+            thread.result()
+    ctx.details["vcpu_tids"] = [vcpu.tid for vcpu in vcpus]
+    ctx.details["private_pages"] = [[shared + i * private, shared + (i + 1) * private] for i in range(VCPUS)]
 
 
 SCENARIO = Scenario(

@@ -45,6 +45,7 @@ def run(ctx: ScenarioRun) -> None:
     ptes = np.array([aspace.pte_gpa(DATA_GPA + i * PAGE_SIZE) for i in range(half)], dtype=np.uint64)
     new_ptes = page_addrs(perm) | np.uint64(int(PTE_USER_RW))
     guest.run(vcpu, commands(OP_WRITE, ptes, new_ptes))
+    ctx.details["leaf_table_gfns"] = sorted({int(p) >> 12 for p in ptes})
 
     ctx.phase("sync")
     guest.set_cr3(vcpu, other)
@@ -56,6 +57,7 @@ def run(ctx: ScenarioRun) -> None:
     ctx.phase("rewrite_upper")
     pdes = np.unique([aspace.pte_gpa(DATA_GPA + i * PAGE_SIZE, level=2) for i in range(0, n, 512)])
     values = guest.sys.u64[(pdes // 8).astype(np.int64)]
+    ctx.details["upper_table_gfns"] = sorted({int(p) >> 12 for p in pdes})
     guest.run(vcpu, commands(OP_WRITE, np.repeat(pdes, UPPER_REWRITES), np.repeat(values, UPPER_REWRITES)))
 
 

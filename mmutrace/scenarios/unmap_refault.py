@@ -6,7 +6,7 @@ next access to such a page faults again and gets a fresh zero page (``kvm_mmu_se
 pfn), while pages the host kept still hold their data and do not fault.
 
 size = N data pages.  Phases: ``fault`` writes every page (value = page number + 1); ``unmap``
-discards a seeded random half of the 16-page chunks; ``refault`` reads every page; discarded pages
+discards a seeded random half of the 16-page chunks; ``refault`` reads every page in a seeded random order; discarded pages
 read 0, kept pages their value (``details`` counts both).
 """
 
@@ -39,12 +39,13 @@ def run(ctx: ScenarioRun) -> None:
         mem.discard(start, min(CHUNK_PAGES * PAGE_SIZE, mem.size - start))
 
     ctx.phase("refault")
-    seen = commands(OP_READ, page_addrs(pages))
+    order = ctx.rng.permutation(pages)
+    seen = commands(OP_READ, page_addrs(order))
     guest.run(vcpu, seen)
-    discarded = np.isin(pages // np.uint64(CHUNK_PAGES), dropped)
+    discarded = np.isin(order // np.uint64(CHUNK_PAGES), dropped)
     ctx.details["discarded_pages"] = int(discarded.sum())
     ctx.details["discarded_read_zero"] = int(np.count_nonzero(seen["value"][discarded] == 0))
-    ctx.details["kept_read_back"] = int(np.count_nonzero(seen["value"][~discarded] == pages[~discarded] + 1))
+    ctx.details["kept_read_back"] = int(np.count_nonzero(seen["value"][~discarded] == order[~discarded] + 1))
 
 
 SCENARIO = Scenario(
