@@ -211,6 +211,19 @@ def event_kind(name: str) -> EventKind:
         raise KeyError(f"unknown event {name!r}{hint}") from None
 
 
+def event_catalogue_markdown() -> str:
+    """The event catalogue as the Markdown table docs/schema.md embeds (a test keeps them equal)."""
+    lines = [
+        "| event | group | role | tracefs field → column | recorder inputs |",
+        "|---|---|---|---|---|",
+    ]
+    for e in EVENTS:
+        fields = ", ".join(f"{f} → `{c}`" if f != c else f"`{c}`" for f, c in e.tracefs) or "—"
+        inputs = ", ".join(f"`{c}`" for c in e.inputs) or "—"
+        lines.append(f"| `{e.name}` | {e.group} | {e.role.value} | {fields} | {inputs} |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------------------------
 # File metadata (a JSON object under METADATA_KEY)
 # --------------------------------------------------------------------------------------------
@@ -236,6 +249,13 @@ METADATA_KEYS: dict[str, str] = {
     "command": "list of str: the traced command line, if any",
     "scenario": "object: {name, seed, size, ...} when a built-in scenario was recorded",
     "markers": "list of {ts_ns, text}: scenario phase markers",
-    "complete": "bool: false while recording or after a repair of an interrupted recording",
+    "complete": "bool: true after a clean close (Ctrl-C/SIGTERM included); false while recording, after a producer error, or after a repair",
+    "stop_reason": "str: what ended the recording early: KeyboardInterrupt, SystemExit, an exception, 'killed'",
+    "reorder": "object: {window_ns, late_rows}: rows that arrived later than the reorder window (kept, placed in order)",
+    "repair": "object: {segments, rows, skipped, note} when `mmutrace repair` rebuilt the file",
     "import_source": "object: {path, format, lines, unparsed} for imported traces",
 }
+
+
+if __name__ == "__main__":  # regenerates the catalogue table of docs/schema.md
+    print(event_catalogue_markdown(), end="")

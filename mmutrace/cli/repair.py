@@ -1,12 +1,29 @@
-"""`mmutrace repair`: placeholder until its issue lands."""
+"""`mmutrace repair PATH`: recover what a killed recorder had flushed into a valid trace.
+
+PATH is the trace path the recorder was writing or its ``.NAME.parquet.partial`` directory.  The
+result is marked ``complete: false`` with a ``repair`` note in its metadata (see docs/schema.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
-from mmutrace.errors import MmutraceError
+from mmutrace import storage
 
 
 def register(app: typer.Typer) -> None:
     @app.command("repair")
-    def _placeholder() -> None:
-        """Not implemented yet."""
-        raise MmutraceError("'repair' is not implemented yet")
+    def repair(
+        path: Path = typer.Argument(..., help="The unfinished trace (or its .NAME.parquet.partial directory)."),
+    ) -> None:
+        """Merge an interrupted recording's flushed segments into a valid (incomplete) trace."""
+        final = storage.repair(path)
+        reader = storage.open_trace(final)
+        note = reader.metadata.get("repair")
+        if note is None:
+            print(f"{final}: already finalized; removed its leftover segments")
+            return
+        skipped = f", skipped unreadable {', '.join(note['skipped'])}" if note["skipped"] else ""
+        print(f"{final}: recovered {reader.num_rows:,} events from {note['segments']} segments{skipped} (complete: false)")

@@ -1,0 +1,669 @@
+"""Trace files on disk: write them crash-safely, read them row group by row group, repair them.
+
+A trace is one Parquet file (schema.ARROW_SCHEMA) ordered by ``(ts_ns, cpu, seq)``.  The recorder's
+per-CPU buffers deliver events out of order, and a recorder can die at any moment, so writing goes
+through three stages:
+
+1. ``TraceWriter.write_batch`` holds rows back for ``reorder_window_ns`` and releases the sorted rows
+   older than the newest timestamp minus the window.
+2. Released rows become *segments*: complete small Parquet files (one row group each, carrying the
+   metadata so far) in the hidden sibling directory ``.NAME.parquet.partial/``.  A SIGKILL loses
+   only what was not yet released (at most about one row group).
+3. ``close`` merges the segments, each sorted, into the final file with an exact k-way merge that
+   keeps only overlapping segments in memory, writes it under a temporary name, renames it into place
+   and removes the segments.  Rows that arrive later than the window are therefore still placed
+   correctly; they are counted in the metadata (``reorder.late_rows``), never dropped.
+
+``repair`` runs stage 3 on the segments a killed writer left behind and marks the result
+``complete: false``.  docs/schema.md describes the format, the encodings and their measured cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmutrace import schema
+from mmutrace.errors import TraceFileError, UsageError
+
+__all__ = [
+    "TraceReader",
+    "TraceWriter",
+    "check_output",
+    "open_trace",
+    "partial_dir",
+    "repair",
+]
+
+#: The dictionary of the ``event`` column: the catalogue, so every batch shares one dictionary.
+EVENT_NAMES = pa.array([e.name for e in schema.EVENTS], pa.string())
+_EVENT_TYPE = schema.COLUMN_TYPES["event"]
+_SORT_KEYS = [(name, "ascending") for name in schema.SORT_COLUMNS]
+_REQUIRED = tuple(f.name for f in schema.ARROW_SCHEMA if not f.nullable)
+
+_SEGMENT_GLOB = "seg-*.parquet"
+_SEGMENT_KEY = b"mmutrace.segment"  # JSON {first, last, rows, row_group_rows} of one sorted segment
+
+#: Column statistics are kept where a reader can use them to skip row groups (time and CPU ranges,
+#: the span in ``info``); elsewhere they only cost space.
+_STATISTICS_COLUMNS = ["ts_ns", "cpu", "seq", "vm", "vcpu", "gfn"]
+#: Delta encoding for the integer columns: ts_ns and seq are monotonic per CPU and gfn, addr, spte,
+#: pfn move in small steps, so deltas pack into a few bits before zstd (15% smaller than plain on
+#: the synthetic fault stream; ts_ns/seq alone halve the file).
+_DELTA_COLUMNS = tuple(
+    f.name for f in schema.ARROW_SCHEMA if pa.types.is_integer(f.type) and f.name not in ("cpu", "event")
+)
+_ZSTD_LEVEL = 3  # levels 6-12 gain <1% on trace data and cost up to 5x the time
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------
+
+
+def partial_dir(path: str | os.PathLike[str]) -> Path:
+    """The hidden directory holding the flushed segments of ``path`` while it is being written."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
+def _final_path_of(partial: Path) -> Path:
+    """Inverse of ``partial_dir``."""
+    name = partial.name
+    if not (name.startswith(".") and name.endswith(".partial")):
+        raise UsageError(f"{partial} is not a trace's segment directory (.NAME.parquet.partial)")
+    return partial.with_name(name[1 : -len(".partial")])
+
+
+def check_output(path: str | os.PathLike[str], force: bool) -> Path:
+    """Refuse an output the writer could not or should not create; called before recording starts.
+
+    Raises UsageError when ``path`` exists (or an unfinished recording of it does) and ``force`` is
+    false, or when its directory is missing or not writable.
+    """
+    path = Path(path)
+    try:
+        _check_output(path, force)
+    except OSError as exc:  # e.g. a parent directory that cannot be searched
+        raise UsageError(f"output {path}: {exc.strerror}") from None
+    return path
+
+
+def _check_output(path: Path, force: bool) -> None:
+    if path.is_dir():
+        raise UsageError(f"output {path} is a directory")
+    directory = path.parent
+    if not directory.exists():
+        raise UsageError(f"output directory {directory} does not exist")
+    if not directory.is_dir():
+        raise UsageError(f"output directory {directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {directory} is not writable")
+    if not force:
+        if path.exists():
+            raise UsageError(f"output {path} exists (use --force to overwrite)")
+        if partial_dir(path).exists():
+            raise UsageError(
+                f"an unfinished recording of {path} exists in {partial_dir(path)} "
+                f"(run 'mmutrace repair {path}' or use --force to discard it)"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+
+def _event_column(values: Any) -> pa.Array:
+    """Event names (strings or a dictionary array) re-encoded against the catalogue dictionary."""
+    if not isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = pa.array(values, pa.string())
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if pa.types.is_dictionary(values.type):
+        values = values.cast(pa.string())
+    codes = pc.index_in(values, value_set=EVENT_NAMES)
+    if codes.null_count > values.null_count:
+        unknown = pc.unique(pc.filter(values, pc.and_(pc.is_null(codes), pc.is_valid(values)))).to_pylist()
+        raise ValueError(f"events not in schema.EVENTS: {', '.join(sorted(unknown))}")
+    return pa.DictionaryArray.from_arrays(codes.cast(pa.int16()), EVENT_NAMES)
+
+
+def to_table(batch: pa.RecordBatch | pa.Table | Mapping[str, Any]) -> pa.Table:
+    """``batch`` as a table of exactly schema.ARROW_SCHEMA: columns cast, missing ones null.
+
+    ``batch`` is an Arrow batch/table or a mapping of column name to numpy array, Arrow array or
+    list.  Unknown columns, missing non-nullable columns and unknown event names are programming
+    errors of the producer (ValueError).
+    """
+    if isinstance(batch, (pa.RecordBatch, pa.Table)):
+        columns = {name: batch.column(name) for name in batch.schema.names}
+    else:
+        columns = dict(batch)
+    unknown = set(columns) - set(schema.COLUMN_TYPES)
+    if unknown:
+        raise ValueError(f"columns not in schema.ARROW_SCHEMA: {', '.join(sorted(unknown))}")
+    missing = [name for name in _REQUIRED if name not in columns]
+    if missing:
+        raise ValueError(f"batch lacks required columns: {', '.join(missing)}")
+    rows = len(columns["ts_ns"])
+    arrays = []
+    for field in schema.ARROW_SCHEMA:
+        values = columns.get(field.name)
+        if values is None:
+            arrays.append(pa.nulls(rows, field.type))
+        elif field.name == "event":
+            arrays.append(_event_column(values))
+        elif isinstance(values, (pa.Array, pa.ChunkedArray)):
+            arrays.append(values.cast(field.type))
+        else:
+            arrays.append(pa.array(values, field.type))
+        if len(arrays[-1]) != rows:
+            raise ValueError(f"column {field.name} has {len(arrays[-1])} rows, ts_ns has {rows}")
+        if not field.nullable and arrays[-1].null_count:
+            raise ValueError(f"column {field.name} has nulls")
+    return pa.Table.from_arrays(arrays, schema=schema.ARROW_SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------
+# Sort keys
+# --------------------------------------------------------------------------------------------
+
+Key = tuple[int, int, int]
+
+
+def _key_at(table: pa.Table, row: int) -> Key:
+    return tuple(table.column(name)[row].as_py() for name in schema.SORT_COLUMNS)  # type: ignore[return-value]
+
+
+def _sorted(table: pa.Table) -> pa.Table:
+    """``table`` in key order; a check first, because recorder batches are mostly in order already."""
+    ts, cpu, seq = (table.column(name).to_numpy() for name in schema.SORT_COLUMNS)
+    dts = np.diff(ts.astype(np.int64))
+    tie = dts == 0
+    dcpu = np.diff(cpu.astype(np.int32))
+    in_order = (dts > 0) | (tie & ((dcpu > 0) | ((dcpu == 0) & (np.diff(seq.astype(np.int64)) >= 0))))
+    if in_order.all():
+        return table
+    return table.combine_chunks().sort_by(_SORT_KEYS)
+
+
+def _rows_up_to(table: pa.Table, bound: Key) -> int:
+    """How many leading rows of the sorted ``table`` have a key <= ``bound``."""
+    ts, cpu, seq = (table.column(name).to_numpy() for name in schema.SORT_COLUMNS)
+    t, c, s = bound
+    le = (ts < t) | ((ts == t) & ((cpu < c) | ((cpu == c) & (seq <= s))))
+    return int(np.count_nonzero(le))
+
+
+# --------------------------------------------------------------------------------------------
+# Parquet
+# --------------------------------------------------------------------------------------------
+
+
+def _parquet_writer(path: Path, metadata: dict[bytes, bytes]) -> pq.ParquetWriter:
+    """A writer with the trace encodings (docs/schema.md "Encodings" has the measurements)."""
+    sort_index = [schema.ARROW_SCHEMA.get_field_index(name) for name in schema.SORT_COLUMNS]
+    return pq.ParquetWriter(
+        path,
+        schema.ARROW_SCHEMA.with_metadata(metadata),
+        compression="zstd",
+        compression_level=_ZSTD_LEVEL,
+        use_dictionary=["event"],
+        column_encoding={name: "DELTA_BINARY_PACKED" for name in _DELTA_COLUMNS},
+        write_statistics=_STATISTICS_COLUMNS,
+        sorting_columns=[pq.SortingColumn(i) for i in sort_index],
+    )
+
+
+def _metadata_bytes(metadata: Mapping[str, Any]) -> bytes:
+    return json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """One flushed, sorted segment file and its key range."""
+
+    path: Path
+    first: Key
+    last: Key
+    rows: int
+    row_group_rows: int  # the writer's setting, so a repaired file keeps its row-group size
+
+    @classmethod
+    def load(cls, path: Path) -> _Segment:
+        kv = pq.read_metadata(path).metadata or {}
+        info = json.loads(kv[_SEGMENT_KEY])
+        return cls(path, tuple(info["first"]), tuple(info["last"]), info["rows"], info["row_group_rows"])  # type: ignore[arg-type]
+
+    def info(self) -> bytes:
+        return json.dumps(
+            {"first": self.first, "last": self.last, "rows": self.rows, "row_group_rows": self.row_group_rows}
+        ).encode()
+
+
+class _Cursor:
+    """Reads one segment row group by row group; ``table`` is the loaded, not yet emitted rows."""
+
+    def __init__(self, segment: _Segment) -> None:
+        self._file = pq.ParquetFile(segment.path)
+        self._next_group = 0
+        self.table = self._load()
+
+    def _load(self) -> pa.Table | None:
+        while self._next_group < self._file.num_row_groups:
+            table = self._file.read_row_group(self._next_group)
+            self._next_group += 1
+            if table.num_rows:
+                return table
+        self._file.close()
+        return None
+
+    def last_key(self) -> Key:
+        assert self.table is not None
+        return _key_at(self.table, self.table.num_rows - 1)
+
+    def take_up_to(self, bound: Key) -> pa.Table:
+        """Remove and return the loaded rows with key <= ``bound``, loading the next group if drained."""
+        assert self.table is not None
+        n = _rows_up_to(self.table, bound)
+        head, self.table = self.table.slice(0, n), self.table.slice(n)
+        if not self.table.num_rows:
+            self.table = self._load()
+        return head
+
+
+def _merge_segments(segments: list[_Segment]) -> Iterator[pa.Table]:
+    """Yield the rows of the sorted ``segments`` in key order.
+
+    A block k-way merge: ``bound`` is the smallest last key among the loaded row groups, so every row
+    <= bound is loaded and can be emitted.  Segments open only when their first key reaches the
+    bound, so disjoint segments (the normal case) stream one row group at a time and only
+    overlapping ones (late rows) are held together.
+    """
+    todo = sorted(segments, key=lambda s: s.first)
+    todo.reverse()  # pop() from the end
+    cursors: list[_Cursor] = []
+    while todo or cursors:
+        if not cursors:
+            cursor = _Cursor(todo.pop())
+            if cursor.table is None:
+                continue
+            cursors.append(cursor)
+        bound = min(c.last_key() for c in cursors)
+        while todo and todo[-1].first <= bound:
+            cursor = _Cursor(todo.pop())
+            if cursor.table is not None:
+                cursors.append(cursor)
+                bound = min(bound, cursor.last_key())
+        heads = [h for h in (c.take_up_to(bound) for c in cursors) if h.num_rows]
+        cursors = [c for c in cursors if c.table is not None]
+        if len(heads) == 1:
+            yield heads[0]
+        elif heads:
+            yield pa.concat_tables(heads).sort_by(_SORT_KEYS)
+
+
+def _write_merged(segments: list[_Segment], path: Path, metadata: Mapping[str, Any], row_group_rows: int) -> int:
+    """Merge ``segments`` into ``path`` (via a temporary name) in row groups of ``row_group_rows``.
+
+    Returns the number of rows written.  The file appears under ``path`` only when it is whole.
+    """
+    tmp = partial_dir(path) / "final.parquet.tmp"
+    rows = 0
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    with _parquet_writer(tmp, {schema.METADATA_KEY: _metadata_bytes(metadata)}) as writer:
+        for table in _merge_segments(segments):
+            pending.append(table)
+            pending_rows += table.num_rows
+            while pending_rows >= row_group_rows:
+                merged = pa.concat_tables(pending)
+                writer.write_table(merged.slice(0, row_group_rows), row_group_size=row_group_rows)
+                rest = merged.slice(row_group_rows)
+                pending, pending_rows = [rest], rest.num_rows
+                rows += row_group_rows
+        if pending_rows:
+            writer.write_table(pa.concat_tables(pending), row_group_size=row_group_rows)
+            rows += pending_rows
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+class TraceWriter:
+    """Write one trace file; a context manager that finalizes the file however the block ends.
+
+    Ending the block normally, or by KeyboardInterrupt/SystemExit (how the recorder's signal
+    handlers stop it), writes ``complete: true``: every event handed to the writer is in the file,
+    and ``stop_reason`` says what stopped it.  Any other exception still finalizes a valid file but
+    with ``complete: false``, since the producer may have lost events on the way.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        metadata: Mapping[str, Any],
+        *,
+        force: bool = False,
+        row_group_rows: int = 262144,
+        reorder_window_ns: int = 200_000_000,
+        flush_interval_s: float = 1.0,
+    ) -> None:
+        self.path = check_output(path, force)
+        self._partial = partial_dir(self.path)
+        if force:
+            shutil.rmtree(self._partial, ignore_errors=True)
+        self._partial.mkdir()
+        self._metadata: dict[str, Any] = {**metadata, "schema_version": schema.SCHEMA_VERSION, "complete": False}
+        self._row_group_rows = row_group_rows
+        self._window_ns = reorder_window_ns
+        self._flush_interval_s = flush_interval_s
+        self._pending: list[pa.Table] = []
+        self._pending_ts: list[np.ndarray] = []  # each pending table's ts_ns, sorted
+        self._pending_rows = 0
+        self._newest_ts = 0
+        self._flushed_last: Key | None = None
+        self._late_rows = 0
+        self._segments: list[_Segment] = []
+        self._last_flush = time.monotonic()
+        self._closed = False
+        self.events_written = 0
+        self.bytes_written = 0
+
+    # -- producer side
+
+    def write_batch(self, batch: pa.RecordBatch | pa.Table | Mapping[str, Any]) -> None:
+        """Accept events in any order; rows are released to disk once older than the window."""
+        table = to_table(batch)
+        if not table.num_rows:
+            return
+        ts = np.sort(table.column("ts_ns").to_numpy())
+        self._newest_ts = max(self._newest_ts, int(ts[-1]))
+        self._pending.append(table)
+        self._pending_ts.append(ts)
+        self._pending_rows += table.num_rows
+        self.events_written += table.num_rows
+        due = time.monotonic() - self._last_flush >= self._flush_interval_s
+        if self._pending_rows >= self._row_group_rows or due:
+            self._release(self._newest_ts - self._window_ns, whole_groups_only=not due)
+
+    def update_metadata(self, **items: Any) -> None:
+        """Merge ``items`` into the metadata (top-level keys replace); ``lost`` also sets ``lost_total``."""
+        if "lost" in items and "lost_total" not in items:
+            items["lost_total"] = sum(int(v) for v in items["lost"].values())
+        self._metadata.update(items)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return dict(self._metadata)
+
+    # -- release and segments
+
+    def _release(self, cutoff_ts: int | None, whole_groups_only: bool) -> None:
+        """Write pending rows with ts_ns < cutoff_ts (all rows when None) as sorted segments."""
+        if not self._pending_rows:
+            return
+        if cutoff_ts is not None and whole_groups_only:
+            # Sorting the pending rows is the expensive part: count first (each chunk keeps its
+            # timestamps sorted) and sort only once a whole row group is ready.
+            ready = sum(int(np.searchsorted(ts, cutoff_ts, side="left")) for ts in self._pending_ts)
+            if ready < self._row_group_rows:
+                return
+        table = _sorted(pa.concat_tables(self._pending))
+        if cutoff_ts is None:
+            n = table.num_rows
+        else:
+            n = int(np.searchsorted(table.column("ts_ns").to_numpy(), max(cutoff_ts, 0), side="left"))
+            if whole_groups_only:
+                n -= n % self._row_group_rows
+        for start in range(0, n, self._row_group_rows):
+            self._write_segment(table.slice(start, min(self._row_group_rows, n - start)))
+        rest = table.slice(n)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_ts = [rest.column("ts_ns").to_numpy()] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+        self._last_flush = time.monotonic()
+
+    def _write_segment(self, table: pa.Table) -> None:
+        """One sorted row group as a complete Parquet file, renamed into place once whole."""
+        first, last = _key_at(table, 0), _key_at(table, table.num_rows - 1)
+        if self._flushed_last is not None and first < self._flushed_last:
+            # Rows older than something already flushed: beyond the window.  The final merge
+            # places them; count them so the metadata says the window was too small.
+            self._late_rows += _rows_up_to(table, self._flushed_last)
+            self._metadata["reorder"] = {"window_ns": self._window_ns, "late_rows": self._late_rows}
+        self._flushed_last = max(last, self._flushed_last or last)
+        segment = _Segment(
+            self._partial / f"seg-{len(self._segments):06d}.parquet", first, last, table.num_rows, self._row_group_rows
+        )
+        tmp = segment.path.with_suffix(".tmp")
+        kv = {schema.METADATA_KEY: _metadata_bytes(self._metadata), _SEGMENT_KEY: segment.info()}
+        with _parquet_writer(tmp, kv) as writer:
+            writer.write_table(table, row_group_size=table.num_rows)
+        os.replace(tmp, segment.path)
+        self._segments.append(segment)
+        self.bytes_written += segment.path.stat().st_size
+
+    # -- finalizing
+
+    def close(self, complete: bool = True) -> Path:
+        """Flush everything, merge the segments into the final file and remove them."""
+        if self._closed:
+            return self.path
+        self._closed = True
+        self._release(None, whole_groups_only=False)
+        self._metadata.setdefault("reorder", {"window_ns": self._window_ns, "late_rows": self._late_rows})
+        self._metadata["complete"] = complete
+        _write_merged(self._segments, self.path, self._metadata, self._row_group_rows)
+        shutil.rmtree(self._partial)
+        self.bytes_written = self.path.stat().st_size
+        return self.path
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self._metadata.setdefault("stop_reason", exc_type.__name__)
+        stopped = exc_type is None or issubclass(exc_type, (KeyboardInterrupt, SystemExit))
+        self.close(complete=stopped)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    """The Parquet file at ``path`` or a one-line TraceFileError saying why it is not one."""
+    if not path.exists():
+        if partial_dir(path).is_dir():
+            raise TraceFileError(
+                f"{path} was never finalized (recorder killed?); its flushed events are in "
+                f"{partial_dir(path)}: run 'mmutrace repair {path}'"
+            )
+        raise TraceFileError(f"{path}: no such file")
+    if path.is_dir():
+        if path.name.endswith(".partial"):
+            raise TraceFileError(f"{path} holds an unfinished recording's segments: run 'mmutrace repair {path}'")
+        raise TraceFileError(f"{path} is a directory, not a trace file")
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PAR1":
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TraceFileError(f"{path}: truncated or corrupt Parquet file ({reason})") from None
+        raise TraceFileError(f"{path}: not a Parquet file") from None
+
+
+def _trace_metadata(path: Path, kv: Mapping[bytes, bytes] | None) -> dict[str, Any]:
+    """The validated mmutrace metadata document of a Parquet file's key/value metadata."""
+    raw = (kv or {}).get(schema.METADATA_KEY)
+    if raw is None:
+        raise TraceFileError(f"{path}: a Parquet file but not an mmutrace trace (no '{schema.METADATA_KEY.decode()}' metadata)")
+    try:
+        metadata = json.loads(raw)
+    except ValueError:
+        raise TraceFileError(f"{path}: corrupt mmutrace metadata (not JSON)") from None
+    if not isinstance(metadata, dict) or "schema_version" not in metadata:
+        raise TraceFileError(f"{path}: corrupt mmutrace metadata (no schema_version)")
+    version = metadata["schema_version"]
+    if version != schema.SCHEMA_VERSION:
+        raise TraceFileError(
+            f"{path}: schema_version {version!r} is not the one this mmutrace reads ({schema.SCHEMA_VERSION})"
+        )
+    return metadata
+
+
+class TraceReader:
+    """A validated trace file, read lazily row group by row group."""
+
+    def __init__(self, path: Path, file: pq.ParquetFile, metadata: dict[str, Any]) -> None:
+        self.path = path
+        self.metadata = metadata
+        self._file = file
+
+    @property
+    def num_rows(self) -> int:
+        return self._file.metadata.num_rows
+
+    @property
+    def num_row_groups(self) -> int:
+        return self._file.num_row_groups
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._file.schema_arrow
+
+    def iter_batches(self, columns: list[str] | None = None, batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
+        """Batches in file order, one row group in memory at a time."""
+        for group in range(self.num_row_groups):
+            table = self._read(lambda: self._file.read_row_group(group, columns=columns))
+            yield from table.to_batches(max_chunksize=batch_rows)
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The whole file (or some columns) in memory: for small traces and tests."""
+        return self._read(lambda: self._file.read(columns=columns))
+
+    def _read(self, read: Any) -> pa.Table:
+        try:
+            return read()
+        except (pa.ArrowException, OSError) as exc:
+            raise TraceFileError(f"{self.path}: corrupt data ({str(exc).splitlines()[0]})") from None
+
+    def event_counts(self) -> dict[str, int]:
+        """Rows per event name, in catalogue order, for the events present."""
+        counts: dict[str, int] = {}
+        for batch in self.iter_batches(columns=["event"]):
+            events = batch.column(0)
+            names = events.dictionary.to_pylist()
+            for item in pc.value_counts(events.indices).to_pylist():
+                name = names[item["values"]]
+                counts[name] = counts.get(name, 0) + item["counts"]
+        order = {e.name: i for i, e in enumerate(schema.EVENTS)}
+        return dict(sorted(counts.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+    @property
+    def span_ns(self) -> int:
+        """Last minus first event timestamp (0 for an empty trace), from the row-group statistics."""
+        if not self.num_rows:
+            return 0
+        ts = self._file.schema_arrow.get_field_index("ts_ns")
+        meta = self._file.metadata
+        first = meta.row_group(0).column(ts).statistics
+        last = meta.row_group(meta.num_row_groups - 1).column(ts).statistics
+        if first is None or last is None or not (first.has_min_max and last.has_min_max):
+            batches = [self._file.read_row_group(g, columns=["ts_ns"]).column(0) for g in (0, self.num_row_groups - 1)]
+            return int(pc.max(batches[1]).as_py() - pc.min(batches[0]).as_py())
+        return int(last.max - first.min)
+
+    @property
+    def lost_total(self) -> int:
+        """Events the recorder knows it lost, all CPUs."""
+        if "lost_total" in self.metadata:
+            return int(self.metadata["lost_total"])
+        return sum(int(v) for v in (self.metadata.get("lost") or {}).values())
+
+
+def open_trace(path: str | os.PathLike[str]) -> TraceReader:
+    """Open and validate a trace; TraceFileError (one line) when it is not a readable trace."""
+    path = Path(path)
+    file = _open_parquet(path)
+    metadata = _trace_metadata(path, file.metadata.metadata)
+    missing = [f.name for f in schema.COMMON_COLUMNS if f.name not in file.schema_arrow.names]
+    if missing:
+        raise TraceFileError(f"{path}: trace lacks columns {', '.join(missing)}")
+    return TraceReader(path, file, metadata)
+
+
+# --------------------------------------------------------------------------------------------
+# Repair
+# --------------------------------------------------------------------------------------------
+
+
+def repair(partial_path: str | os.PathLike[str]) -> Path:
+    """Merge what a killed writer flushed into a valid trace (``complete: false``); returns its path.
+
+    ``partial_path`` is the trace path or its ``.NAME.parquet.partial`` directory.  Segments that
+    cannot be read (the one being written when the writer died is only ever a ``.tmp``) are skipped
+    and named in the metadata's ``repair`` note.
+    """
+    given = Path(partial_path)
+    if given.is_dir():
+        partial, final = given, _final_path_of(given)
+    else:
+        partial, final = partial_dir(given), given
+    if not partial.is_dir():
+        if final.exists():
+            open_trace(final)
+            raise UsageError(f"{final} is a finalized trace; there is nothing to repair")
+        raise UsageError(f"{final}: no such trace and no unfinished recording ({partial})")
+    if final.exists():
+        # The writer died after renaming the final file into place and before removing segments.
+        open_trace(final)
+        shutil.rmtree(partial)
+        return final
+    segments: list[_Segment] = []
+    skipped: list[str] = []
+    for path in sorted(partial.glob(_SEGMENT_GLOB)):
+        try:
+            segments.append(_Segment.load(path))
+        except (pa.ArrowException, OSError, KeyError, ValueError):
+            skipped.append(path.name)
+    if not segments:
+        raise TraceFileError(f"{partial}: no complete segment to recover (the writer flushed nothing)")
+    metadata = _trace_metadata(segments[-1].path, pq.read_metadata(segments[-1].path).metadata)
+    metadata["complete"] = False
+    metadata.setdefault("stop_reason", "killed")
+    metadata["repair"] = {
+        "segments": len(segments),
+        "rows": sum(s.rows for s in segments),
+        "skipped": skipped,
+        "note": "recovered the segments a killed writer had flushed; later events are lost",
+    }
+    _write_merged(segments, final, metadata, segments[-1].row_group_rows)
+    shutil.rmtree(partial)
+    return final
