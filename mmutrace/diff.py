@@ -1,0 +1,561 @@
+"""Semantic diff of two MMU traces: fault by fault, decision by decision.
+
+Two recordings of the same guest never agree line by line: timestamps, pids, host pfns, the
+addresses of ``struct kvm`` and of shadow pages all change from run to run.  What must not change
+is what the MMU *decided*: which shadow pages it created or reused, which SPTEs it installed (level,
+permissions, A/D bits), what it unsynced, synced and zapped, and in which order.  So the diff
+
+1. pairs the VMs of the two traces by order of first appearance (their ids are pointers or pids),
+   and within a VM pairs vCPUs by id (events without a vCPU id get it from their thread);
+2. cuts each vCPU's event stream into faults.  On a shadow-paging host without ``kvm_page_fault``
+   (PVM) a fault is the group of events from a ``kvm_mmu_pagetable_walk`` to the next ``kvm_entry``;
+   when the trace has ``kvm_page_fault`` (TDP, VMX/SVM) that event opens the fault instead;
+3. keys each fault by (faulting address, access bits, occurrence index of that pair on the vCPU),
+   so a fault only one run took does not shift the rest;
+4. compares the decision events (``Role.DECISION``/``Role.BOTH`` in the schema) of common faults
+   with the noise fields left out (``DEFAULT_IGNORED``; SPTE values compared with their pfn masked
+   out), and aligns decisions outside faults (zap-all, zaps from ioctls, notifier work) by their order
+   within a scenario phase (the span between two markers).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import difflib
+import enum
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmutrace.errors import UsageError
+from mmutrace.schema import EVENTS, EVENTS_BY_NAME, Role
+
+#: Fields left out of the comparison by default, as ``field`` (every event) or ``event.field``.
+#: Each is run-to-run noise: host addresses and host pfns change with every run.
+DEFAULT_IGNORED: dict[str, str] = {
+    "sp": "address of struct kvm_mmu_page: a host allocation",
+    "sptep": "address of the SPTE: inside a host-allocated table page",
+    "pfn": "host page frame: depends on host memory allocation",
+    "slot_hva": "host virtual address of the memslot: mmap placement",
+    "spte_pfn": "the pfn bits (12-51) inside spte/old_spte/new_spte: host frames of pages and tables",
+    "ioctl_set_user_memory_region.slot_hva": "host virtual address of the memslot",
+    "kvm_unmap_hva_range.addr": "host virtual address",
+    "kvm_unmap_hva_range.end": "host virtual address",
+    "kvm_age_hva.addr": "host virtual address",
+    "kvm_age_hva.end": "host virtual address",
+    "kvm_test_age_hva.addr": "host virtual address",
+}
+
+#: SPTE-valued columns, compared with the pfn masked out unless ``spte_pfn`` is not ignored.
+SPTE_COLUMNS = ("spte", "old_spte", "new_spte")
+#: spte_to_pfn's SPTE_BASE_ADDR_MASK: bits 12-51 (docs: shared kvm-mmu-reference 3.1).
+SPTE_PFN_MASK = ((1 << 52) - 1) & ~0xFFF
+
+#: Named SPTE bits per flavor, for saying *what* differs between two SPTE values (reference 3.1-3.3).
+SPTE_BITS = {
+    "non-ept": ((0, "P"), (1, "W"), (2, "U"), (5, "A"), (6, "D"), (7, "PS"), (9, "host-W"),
+                (10, "mmu-W"), (11, "present"), (63, "NX")),
+    "ept": ((0, "R"), (1, "W"), (2, "X"), (7, "PS"), (8, "A"), (9, "D"), (11, "present"),
+            (57, "host-W"), (58, "mmu-W"), (63, "suppress-VE")),
+}
+
+FAULT_START_SHADOW = "kvm_mmu_pagetable_walk"
+FAULT_START_TDP = "kvm_page_fault"
+#: Events that show the vCPU thread is no longer handling a fault: it re-entered or left the guest
+#: (PVM emits no kvm_entry/kvm_exit, but exits to userspace show as kvm_pio/kvm_userspace_exit), or
+#: is in an ioctl.  ``kvm_unmap_hva_range`` is not one: faulting in a pfn can trigger the notifier.
+FAULT_CLOSERS = frozenset({"kvm_entry", "kvm_exit", "kvm_pio", "kvm_userspace_exit"}
+                          | {e.name for e in EVENTS if e.group == "ioctl"})
+DECISION_EVENTS = frozenset(e.name for e in EVENTS if e.role is not Role.INPUT)
+#: Columns the diff reads from a trace.
+READ_COLUMNS = ("ts_ns", "cpu", "seq", "tid", "vm", "vcpu", "event") + tuple(
+    sorted({c for e in EVENTS for c in e.columns if c != "vcpu"})
+)
+
+
+class Side(enum.Enum):
+    A = "a"
+    B = "b"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One decision event reduced to what must be equal across runs."""
+
+    ts_ns: int
+    event: str
+    fields: tuple[tuple[str, Any], ...]  # compared (name, value) pairs, in column order
+
+    @property
+    def key(self) -> tuple:
+        return (self.event, self.fields)
+
+    def describe(self) -> str:
+        vals = " ".join(f"{k}={_fmt(k, v)}" for k, v in self.fields if v is not None)
+        return f"{self.event} {vals}".rstrip()
+
+
+@dataclass
+class Fault:
+    """The decisions of one fault on one vCPU, and the inputs that key it."""
+
+    ts_ns: int
+    addr: int
+    access: int
+    occurrence: int
+    decisions: list[Decision] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.addr, self.access, self.occurrence)
+
+    def label(self) -> str:
+        return f"fault addr={self.addr:#x} access={self.access:#x} #{self.occurrence}"
+
+
+@dataclass
+class Lane:
+    """One vCPU of one VM: ``name`` is ``vcpu N``, or ``thread N`` (Nth thread of the VM in order of
+    appearance) when the trace does not say which vCPU a thread runs (tracefs on PVM)."""
+
+    name: str
+    faults: dict[tuple[int, int, int], Fault] = field(default_factory=dict)
+    #: decisions outside faults, per scenario phase (index of the last marker before them)
+    outside: dict[int, list[Decision]] = field(default_factory=dict)
+
+
+@dataclass
+class VmEvents:
+    vm: int | None
+    lanes: dict[str, Lane] = field(default_factory=dict)
+
+
+class Lanes:
+    """Names the lane of an event from its (vm, tid, vcpu): the part of a trace that is stable
+    across runs (VM ids are pointers or pids and tids change: they become ordinals)."""
+
+    def __init__(self) -> None:
+        self.vms: dict[int | None, int] = {}
+        self._thread_vcpu: dict[tuple[int | None, int], int] = {}
+        self._threads: dict[int | None, dict[int, int]] = {}
+
+    def learn(self, vms: Sequence[int | None], tids: Sequence[int], vcpus: Sequence[int | None]) -> None:
+        """Remember which thread runs which vCPU, from the events that carry a vCPU id."""
+        for vm, tid, vcpu in zip(vms, tids, vcpus):
+            if vcpu is not None:
+                self._thread_vcpu[(vm, tid)] = vcpu
+
+    def lane(self, vm: int | None, tid: int, vcpu: int | None) -> tuple[int, str]:
+        """(VM ordinal, lane name) of one event."""
+        vm_index = self.vms.setdefault(vm, len(self.vms))
+        if vcpu is None:
+            vcpu = self._thread_vcpu.get((vm, tid))
+        if vcpu is not None:
+            return vm_index, f"vcpu {vcpu}"
+        threads = self._threads.setdefault(vm, {})
+        return vm_index, f"thread {threads.setdefault(tid, len(threads))}"
+
+
+@dataclass
+class Difference:
+    """One difference: a fault or decision on one side only, or a field whose values differ."""
+
+    kind: str
+    scope: str  # "fault" (inside a common fault), "outside" (outside faults) or "fault-set"
+    vm: int  # index of the VM pair
+    lane: str
+    ts_a: int | None
+    ts_b: int | None
+    a: Any
+    b: Any
+    where: str  # the fault label or "phase N"
+    detail: str = ""
+    context: dict[str, list[str]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class DiffResult:
+    a_label: str
+    b_label: str
+    ignored: list[str]
+    vm_pairs: list[tuple[int | None, int | None]]
+    faults_a: int = 0
+    faults_b: int = 0
+    common: int = 0
+    only_a: int = 0
+    only_b: int = 0
+    differing: int = 0
+    outside_a: int = 0
+    outside_b: int = 0
+    outside_differing: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def equivalent(self) -> bool:
+        return not self.differences
+
+    @property
+    def by_kind(self) -> dict[str, int]:
+        return dict(Counter(d.kind for d in self.differences).most_common())
+
+    def to_json(self, max_differences: int | None = None) -> dict[str, Any]:
+        diffs = self.differences if max_differences is None else self.differences[:max_differences]
+        return {
+            "equivalent": self.equivalent,
+            "a": self.a_label,
+            "b": self.b_label,
+            "ignored": self.ignored,
+            "vms": [{"a": _jsonable(a), "b": _jsonable(b)} for a, b in self.vm_pairs],
+            "faults_a": self.faults_a,
+            "faults_b": self.faults_b,
+            "common": self.common,
+            "only_a": self.only_a,
+            "only_b": self.only_b,
+            "differing": self.differing,
+            "outside_faults": {"a": self.outside_a, "b": self.outside_b, "differing": self.outside_differing},
+            "by_kind": self.by_kind,
+            "notes": self.notes,
+            "n_differences": len(self.differences),
+            "differences": [d.to_json() for d in diffs],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Normalising one trace
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_ignored(ignore: Iterable[str] = (), no_ignore: Iterable[str] = ()) -> frozenset[str]:
+    """The effective ignore list: the defaults, plus ``ignore``, minus ``no_ignore``.
+
+    Raises UsageError for a name that is neither a column, ``spte_pfn`` nor ``event.column``.
+    """
+    known = set(READ_COLUMNS) | {"spte_pfn"}
+    for name in (*ignore, *no_ignore):
+        event, _, col = name.rpartition(".")
+        if col not in known or (event and event not in EVENTS_BY_NAME):
+            raise UsageError(f"--ignore/--no-ignore: unknown field {name!r} (a column name, spte_pfn or EVENT.COLUMN)")
+    return frozenset((set(DEFAULT_IGNORED) | set(ignore)) - set(no_ignore))
+
+
+def _compared_columns(ignored: frozenset[str]) -> dict[str, tuple[str, ...]]:
+    """For each decision event, the columns compared across runs."""
+    return {
+        name: tuple(c for c in EVENTS_BY_NAME[name].columns if c not in ignored and f"{name}.{c}" not in ignored)
+        for name in DECISION_EVENTS
+    }
+
+
+def _phase_bounds(metadata: dict[str, Any]) -> list[int]:
+    return sorted(int(m["ts_ns"]) for m in metadata.get("markers") or [] if "ts_ns" in m)
+
+
+def fault_start_event(event_names: Iterable[str]) -> str:
+    """The event that opens a fault: ``kvm_page_fault`` where the trace has it (TDP, VMX/SVM), else
+    the guest page-table walk (shadow paging on PVM, where ``kvm_page_fault`` never fires)."""
+    return FAULT_START_TDP if FAULT_START_TDP in set(event_names) else FAULT_START_SHADOW
+
+
+#: Decisions that show a fault reached its mapping step: a walk after them is a new fault.
+MAPPING_EVENTS = frozenset({"kvm_mmu_spte_requested", "mark_mmio_spte", "handle_mmio_page_fault"})
+
+
+class FaultCutter:
+    """Cuts a vCPU's events into faults: the rule ``diff`` and ``report`` share.
+
+    A fault opens at a start event and closes at the next ``FAULT_CLOSERS`` event of its lane.  A
+    start event with the open fault's (address, access) before that fault reached its mapping step
+    (``MAPPING_EVENTS``) is the same fault walking again (the walker retries after updating a guest
+    A/D bit); any other start event opens a new fault (e.g. the guest touching a page again after
+    an MMU notifier dropped its SPTE).
+    """
+
+    def __init__(self, start_event: str) -> None:
+        self.start_event = start_event
+        self.cut_events = frozenset({start_event}) | FAULT_CLOSERS | MAPPING_EVENTS
+        self._open: dict[Any, tuple[int, int, bool] | None] = {}
+
+    def feed(self, lane: Any, event: str, addr: int | None, access: int | None) -> bool:
+        """Account one ``cut_events`` event of ``lane``; True when it opens a new fault."""
+        current = self._open.get(lane)
+        if event in MAPPING_EVENTS:
+            if current is not None:
+                self._open[lane] = (current[0], current[1], True)
+            return False
+        if event != self.start_event:
+            self._open[lane] = None
+            return False
+        key = (addr or 0, access or 0)
+        if current is not None and not current[2] and current[:2] == key:
+            return False
+        self._open[lane] = (*key, False)
+        return True
+
+    def is_open(self, lane: Any) -> bool:
+        return self._open.get(lane) is not None
+
+
+def collect(table: pa.Table, metadata: dict[str, Any], ignored: frozenset[str]) -> list[VmEvents]:
+    """Cut one trace into VMs, vCPU lanes, faults and outside-fault decisions.
+
+    ``table`` must be in the trace schema and ordered by (ts_ns, cpu, seq).  VMs come back in order
+    of first appearance, which is how two runs' VMs are paired.
+    """
+    names = _event_names(table)
+    cutter = FaultCutter(fault_start_event(names))
+    keep = cutter.cut_events | DECISION_EVENTS
+    rows = table.filter(pa.array([n in keep for n in names], pa.bool_()))
+    names = [n for n in names if n in keep]
+    compared = _compared_columns(ignored)
+    mask_pfn = "spte_pfn" in ignored
+    bounds = _phase_bounds(metadata)
+
+    cols = {c: rows.column(c).to_pylist() for c in set(READ_COLUMNS) & set(rows.column_names) if c != "event"}
+    ts, vms, tids, vcpus = cols["ts_ns"], cols["vm"], cols["tid"], cols["vcpu"]
+    lanes = Lanes()
+    lanes.learn(vms, tids, vcpus)
+
+    by_vm: dict[int, VmEvents] = {}
+    open_fault: dict[tuple[int, str], Fault] = {}
+    occurrences: dict[tuple[int, str], Counter] = {}
+    for i, name in enumerate(names):
+        lane_id = lanes.lane(vms[i], tids[i], vcpus[i])
+        vme = by_vm.get(lane_id[0]) or by_vm.setdefault(lane_id[0], VmEvents(vms[i]))
+        lane = vme.lanes.get(lane_id[1]) or vme.lanes.setdefault(lane_id[1], Lane(lane_id[1]))
+        if name in cutter.cut_events:
+            addr, access = cols["addr"][i] or 0, cols["error_code"][i] or 0
+            if cutter.feed(lane_id, name, addr, access):
+                seen = occurrences.setdefault(lane_id, Counter())
+                fault = Fault(ts[i], addr, access, seen[(addr, access)])
+                seen[(addr, access)] += 1
+                lane.faults[fault.key] = open_fault[lane_id] = fault
+            if name not in DECISION_EVENTS:
+                continue
+        values = []
+        for c in compared[name]:
+            v = cols[c][i]
+            if mask_pfn and c in SPTE_COLUMNS and v is not None:
+                v &= ~SPTE_PFN_MASK
+            values.append((c, v))
+        decision = Decision(ts[i], name, tuple(values))
+        if cutter.is_open(lane_id):
+            open_fault[lane_id].decisions.append(decision)
+        else:
+            lane.outside.setdefault(bisect.bisect_right(bounds, ts[i]), []).append(decision)
+    return [by_vm[i] for i in sorted(by_vm)]
+
+
+def _event_names(table: pa.Table) -> list[str]:
+    col = table.column("event")
+    if pa.types.is_dictionary(col.type):
+        col = pc.cast(col, pa.string())
+    return col.to_pylist()
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing two traces
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Comparer:
+    result: DiffResult
+    flavor: str
+    context_limit: int = 24
+
+    def compare(self, vms_a: list[VmEvents], vms_b: list[VmEvents]) -> None:
+        for vm_index in range(max(len(vms_a), len(vms_b))):
+            a = vms_a[vm_index] if vm_index < len(vms_a) else VmEvents(None)
+            b = vms_b[vm_index] if vm_index < len(vms_b) else VmEvents(None)
+            for name in _ordered_keys(a.lanes, b.lanes):
+                self._lane(vm_index, a.lanes.get(name) or Lane(name), b.lanes.get(name) or Lane(name))
+
+    def _lane(self, vm: int, a: Lane, b: Lane) -> None:
+        r = self.result
+        r.faults_a += len(a.faults)
+        r.faults_b += len(b.faults)
+        for key in _merged_order(list(a.faults), list(b.faults)):
+            fa, fb = a.faults.get(key), b.faults.get(key)
+            if fa is None or fb is None:
+                side, f = (Side.B, fb) if fa is None else (Side.A, fa)
+                setattr(r, f"only_{side.value}", getattr(r, f"only_{side.value}") + 1)
+                desc = f"{len(f.decisions)} decisions"
+                r.differences.append(Difference(
+                    f"fault.only_{side.value}", "fault-set", vm, a.name,
+                    fa.ts_ns if fa else None, fb.ts_ns if fb else None,
+                    desc if fa else None, desc if fb else None, f.label(),
+                    context=self._context(fa, fb)))
+                continue
+            r.common += 1
+            if self._sequence(vm, a.name, "fault", fa.label(), fa.decisions, fb.decisions, (fa, fb)):
+                r.differing += 1
+        for phase in _ordered_keys(a.outside, b.outside):
+            da, db = a.outside.get(phase, []), b.outside.get(phase, [])
+            r.outside_a += len(da)
+            r.outside_b += len(db)
+            r.outside_differing += self._sequence(vm, a.name, "outside", f"phase {phase}", da, db, None)
+
+    def _sequence(self, vm: int, lane: str, scope: str, where: str,
+                  da: Sequence[Decision], db: Sequence[Decision], faults: tuple[Fault, Fault] | None) -> int:
+        """Align two decision sequences; record their differences; return how many were found."""
+        before = len(self.result.differences)
+        ka, kb = [d.key for d in da], [d.key for d in db]
+        if ka == kb:
+            return 0
+        ctx = self._context(*faults) if faults else self._context_lists(da, db)
+        out = self.result.differences
+        for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ka, kb, autojunk=False).get_opcodes():
+            if op == "equal":
+                continue
+            left, right = list(da[i1:i2]), list(db[j1:j2])
+            while left and right and left[0].event == right[0].event:
+                x, y = left.pop(0), right.pop(0)
+                for (name, va), (_, vb) in zip(x.fields, y.fields):
+                    if va != vb:
+                        out.append(Difference(f"{x.event}.{name}", scope, vm, lane, x.ts_ns, y.ts_ns, va, vb,
+                                              where, self._detail(name, va, vb), ctx))
+            for side, rest in ((Side.A, left), (Side.B, right)):
+                for d in rest:
+                    a, b = (d.describe(), None) if side is Side.A else (None, d.describe())
+                    out.append(Difference(f"{d.event}.only_{side.value}", scope, vm, lane,
+                                          d.ts_ns if side is Side.A else None, d.ts_ns if side is Side.B else None,
+                                          a, b, where, "", ctx))
+        return len(out) - before
+
+    def _detail(self, name: str, va: Any, vb: Any) -> str:
+        if name in SPTE_COLUMNS and isinstance(va, int) and isinstance(vb, int):
+            changed = [f"{bit_name} {va >> bit & 1}→{vb >> bit & 1}"
+                       for bit, bit_name in SPTE_BITS[self.flavor] if (va ^ vb) >> bit & 1]
+            return ", ".join(changed) or "other bits"
+        return ""
+
+    def _context(self, fa: Fault | None, fb: Fault | None) -> dict[str, list[str]]:
+        return self._context_lists(fa.decisions if fa else [], fb.decisions if fb else [])
+
+    def _context_lists(self, da: Sequence[Decision], db: Sequence[Decision]) -> dict[str, list[str]]:
+        n = self.context_limit
+        return {side: [d.describe() for d in ds[:n]] + ([f"... {len(ds) - n} more"] if len(ds) > n else [])
+                for side, ds in (("a", da), ("b", db))}
+
+
+def _merged_order(a: list, b: list) -> list:
+    """Keys of both runs in one order that respects each run's own (time) order."""
+    out = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        out += a[i1:i2] if op == "equal" else a[i1:i2] + [k for k in b[j1:j2] if k not in a[i1:i2]]
+    return list(dict.fromkeys(out))
+
+
+def _ordered_keys(a: dict, b: dict) -> list:
+    """Keys of both dicts: a's in their (time) order, then those only b has."""
+    return list(a) + [k for k in b if k not in a]
+
+
+def spte_flavor(metadata: dict[str, Any]) -> str:
+    """'ept' for Intel with EPT on (lab traces), else 'non-ept' (shadow paging, NPT, PVM)."""
+    ept = str((metadata.get("vendor_params") or {}).get("ept", "N")).upper() in ("Y", "1")
+    return "ept" if metadata.get("kvm_backend") == "kvm_intel" and ept else "non-ept"
+
+
+def diff_tables(a: pa.Table, b: pa.Table, meta_a: dict[str, Any], meta_b: dict[str, Any], *,
+                a_label: str = "A", b_label: str = "B", ignore: Iterable[str] = (),
+                no_ignore: Iterable[str] = ()) -> DiffResult:
+    """Diff two traces given as tables in the trace schema (ordered by ts_ns, cpu, seq)."""
+    ignored = resolve_ignored(ignore, no_ignore)
+    vms_a, vms_b = collect(a, meta_a, ignored), collect(b, meta_b, ignored)
+    pairs = [(x.vm if x else None, y.vm if y else None) for x, y in _zip_longest(vms_a, vms_b)]
+    result = DiffResult(a_label, b_label, sorted(ignored), pairs)
+    if meta_a.get("kernel_release") != meta_b.get("kernel_release"):
+        result.notes.append(f"kernels differ: {meta_a.get('kernel_release')} vs {meta_b.get('kernel_release')}")
+    if len(vms_a) != len(vms_b):
+        result.notes.append(f"VM counts differ: {len(vms_a)} vs {len(vms_b)}")
+    _Comparer(result, spte_flavor(meta_a)).compare(vms_a, vms_b)
+    return result
+
+
+def _zip_longest(a: list, b: list) -> list[tuple]:
+    n = max(len(a), len(b))
+    return [(a[i] if i < len(a) else None, b[i] if i < len(b) else None) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# Sources: recorded traces and model replays
+# --------------------------------------------------------------------------------------------
+
+#: --model values and the replay engine's ``split`` argument they mean.
+MODEL_SPLITS: dict[str, str | None] = {"kernel": None, "pre": "pre", "rfc": "rfc"}
+
+
+def load_trace(path: Path) -> tuple[pa.Table, dict[str, Any]]:
+    """The columns the diff needs from a recorded trace, and its metadata."""
+    from mmutrace.storage import open_trace
+
+    reader = open_trace(path)
+    columns = [c for c in READ_COLUMNS if c in reader.schema.names] if hasattr(reader, "schema") else list(READ_COLUMNS)
+    return reader.read(columns=columns), dict(reader.metadata)
+
+
+def model_trace(path: Path, model: str, allow_lost: bool = False) -> tuple[pa.Table, dict[str, Any]]:
+    """The model's decisions for the trace at ``path`` under ``model``, as a trace-schema table.
+
+    The replay emits decisions only; the recorded inputs (walks, entries) are merged back in so
+    that its decisions fall into the same faults as the recording's.
+    """
+    if model not in MODEL_SPLITS:
+        raise UsageError(f"--model must be one of {', '.join(MODEL_SPLITS)}, not {model!r}")
+    from replay.engine import replay_trace
+
+    recorded, metadata = load_trace(path)
+    decisions = replay_trace(path, split=MODEL_SPLITS[model], allow_lost=allow_lost).model_events()
+    return with_inputs(decisions, recorded), metadata
+
+
+def with_inputs(decisions: pa.Table, recorded: pa.Table) -> pa.Table:
+    """``decisions`` plus ``recorded``'s input events, ordered by time (inputs first on ties)."""
+    columns = [c for c in recorded.column_names if c in decisions.column_names]
+    names = _event_names(decisions)
+    if any(EVENTS_BY_NAME[n].role is Role.INPUT for n in set(names)):
+        return decisions.select(columns)
+    inputs = recorded.filter(pa.array([EVENTS_BY_NAME[n].role is Role.INPUT for n in _event_names(recorded)]))
+    decisions = decisions.select(columns).cast(inputs.select(columns).schema)
+    merged = pa.concat_tables([inputs.select(columns), decisions])
+    order = pc.sort_indices(pa.table({"ts": merged.column("ts_ns"),
+                                      "i": pa.array(range(merged.num_rows))}), [("ts", "ascending"), ("i", "ascending")])
+    return merged.take(order)
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting helpers
+# --------------------------------------------------------------------------------------------
+
+_HEX_FIELDS = frozenset({"gfn", "role", "spte", "old_spte", "new_spte", "addr", "end", "error_code", "sp",
+                         "sptep", "pfn", "slot_base_gfn", "slot_hva"})
+
+
+def _fmt(name: str, value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return str(value)
+    return f"{value:#x}" if name in _HEX_FIELDS else str(value)
+
+
+def format_value(name: str, value: Any) -> str:
+    """A field value as a KVM developer reads it: hex for addresses, gfns, roles and SPTEs."""
+    return "-" if value is None else _fmt(name, value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
