@@ -32,7 +32,7 @@ class Markers:
         self.log.append((time.clock_gettime_ns(time.CLOCK_MONOTONIC), text))
         data = text.encode()
         for sink in self.sinks:
-            fd = os.open(sink, os.O_WRONLY)
+            fd = os.open(sink, os.O_WRONLY | os.O_APPEND)  # one record per write; appends to plain files
             try:
                 os.write(fd, data)
             finally:

@@ -221,3 +221,69 @@ def test_module_entry_point_prints_one_json_object() -> None:
     assert result["name"] == "touch" and result["seed"] == 3 and result["size"] == 16
     assert result["pages_touched"] == 16 and result["pid"] != os.getpid()
     assert [text for _, text in result["markers"]][0] == "touch:start"
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``mmutrace ARGS`` in-process through the real entry point; (exit status, stdout, stderr)."""
+    from mmutrace.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mmutrace", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def test_cli_list_names_every_scenario_with_its_default_size(monkeypatch, capsys) -> None:
+    status, out, _ = cli(monkeypatch, capsys, "scenarios", "list")
+    assert status == 0
+    listed = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()}
+    assert listed == {name: s.default_size for name, s in SCENARIOS.items()}
+    assert len(listed) == 10
+
+
+def test_cli_run_json_is_one_result_object(monkeypatch, capsys) -> None:
+    status, out, _ = cli(monkeypatch, capsys, "scenarios", "run", "touch", "--size", "8", "--seed", "2", "--json")
+    assert status == 0
+    result = json.loads(out)
+    assert (result["name"], result["seed"], result["size"], result["pages_touched"]) == ("touch", 2, 8, 8)
+    assert result["accesses_digest"] == run_scenario("touch", seed=2, size=8, markers=Markers(sinks=[])).accesses_digest
+
+
+def test_cli_run_prints_a_summary(monkeypatch, capsys) -> None:
+    status, out, _ = cli(monkeypatch, capsys, "scenarios", "run", "mmio", "--size", "4")
+    assert status == 0
+    assert out.startswith("mmio: seed 0, size 4, ") and "guest exits" in out and out.count("\n") == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("nosuch",), "unknown scenario 'nosuch'; known: touch, pt_rewrite,"),
+    (("touch", "--size", "1"), "scenario 'touch': size must be 2..2097152 pages, got 1"),
+    (("touch", "--size", "many"), "--size must be an integer, got 'many'"),
+    (("hugepages", "--size", "3"), "size must be 2..16384 MiB in steps of 2, got 3"),
+    (("touch", "--seed", "-1"), "seed must be 0..2**63-1, got -1"),
+    (("touch", "--seed", "x"), "--seed must be an integer, got 'x'"),
+])
+def test_cli_bad_input_is_one_line_on_stderr(monkeypatch, capsys, args: tuple[str, ...], message: str) -> None:
+    status, out, err = cli(monkeypatch, capsys, "scenarios", "run", *args)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("mmutrace: ") and message in err
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ("root", "running KVM guests needs root"),
+    ("dev", "/nonexistent/kvm does not exist"),
+])
+def test_cli_missing_host_feature_is_one_line_on_stderr(monkeypatch, capsys, patch: str, message: str) -> None:
+    from mmutrace.kvm import vm
+
+    if patch == "root":
+        monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    else:
+        monkeypatch.setattr(vm, "KVM_DEV", "/nonexistent/kvm")
+    status, out, err = cli(monkeypatch, capsys, "scenarios", "run", "touch")
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and message in err

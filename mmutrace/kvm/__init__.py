@@ -5,8 +5,8 @@ guest code is emulated and makes no shadow pages, while CPL3 code runs natively 
 the shadow MMU.  ``Guest`` is the entry point; ``Vm``/``Vcpu`` are the raw ioctl wrappers.
 """
 
-from mmutrace.kvm.guest import Guest
 from mmutrace.kvm import uapi
+from mmutrace.kvm.guest import Guest
 from mmutrace.kvm.interpreter import OP_READ, OP_WRITE, commands
 from mmutrace.kvm.memory import HUGE_PAGE_SIZE, PAGE_SIZE, HostMemory
 from mmutrace.kvm.paging import AddressSpace
