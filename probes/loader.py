@@ -126,7 +126,7 @@ class MmuProbes:
         except ImportError:
             raise HostError("bcc is not importable (Debian python3-bpfcc; run ./run.sh setup)") from None
         try:
-            self.bpf = BPF(text=text, cflags=["-Wno-macro-redefined", "-Wno-unused-function"])
+            self.bpf = BPF(text=text.encode(), cflags=["-Wno-macro-redefined", "-Wno-unused-function"])
         except Exception as exc:  # bcc raises bare Exception for compile and attach failures
             raise HostError(f"cannot load the BPF probes: {str(exc).splitlines()[0]}") from None
         self.events = list(events)
@@ -137,19 +137,19 @@ class MmuProbes:
 
     @property
     def ring_fd(self) -> int:
-        return self.bpf["events"].map_fd
+        return self.bpf[b"events"].map_fd
 
     def add_target(self, tgid: int) -> None:
-        table = self.bpf["targets"]
+        table = self.bpf[b"targets"]
         table[table.Key(tgid)] = table.Leaf(1)
 
     def lost(self) -> dict[str, int]:
         """Reserve failures per CPU (the ring buffer was full)."""
-        return {str(cpu): int(v) for cpu, v in enumerate(self.bpf["lost"][ctypes.c_int(0)])}
+        return {str(cpu): int(v) for cpu, v in enumerate(self.bpf[b"lost"][ctypes.c_int(0)])}
 
     def hits(self) -> dict[str, int]:
         """How often each wanted event's probe fired for a recorded process, all CPUs."""
-        table = self.bpf["hits"]
+        table = self.bpf[b"hits"]
         return {kind.name: int(sum(table[ctypes.c_int(i)])) for i, kind in enumerate(schema.EVENTS)
                 if kind.name in self.events}
 

@@ -35,7 +35,7 @@ struct mmu_record {
 	u64 f[NR_SLOTS];
 };
 
-/* What kvm_entry learnt about the thread: later events on it belong to this VM and vCPU. */
+/* What learn_vcpu() learnt about a thread: later events on it belong to this VM and vCPU. */
 struct vcpu_ctx {
 	u64 kvm;
 	s32 vcpu_id;
@@ -85,7 +85,7 @@ static __always_inline u64 mmu_pages(u64 kvm)
 /*
  * Start a record of @event, or return NULL when the event is filtered out or the ring is full
  * (counted in lost).  @kvm/@vcpu_id: the event's own VM and vCPU when its arguments name them,
- * else 0/-1 and they are taken from what kvm_entry learnt about the current thread.
+ * else 0/-1 and they are taken from what learn_vcpu() learnt about the current thread.
  */
 static __always_inline struct mmu_record *record_begin(u32 event, u64 kvm, s32 vcpu_id)
 {
@@ -187,8 +187,6 @@ ARGS_PROBE(kvm_test_age_hva, 1)		/* (unsigned long hva) */
 
 /* ---- kvmmmu: guest page-table walker (paging_tmpl.h) ---- */
 
-
-
 /* (unsigned long table_gfn, unsigned index, unsigned size): gpa as the tracepoint prints it. */
 #define AD_BIT_PROBE(ev)                                                                  \
 	RAW_TRACEPOINT_PROBE(ev)                                                          \
@@ -204,7 +202,6 @@ AD_BIT_PROBE(kvm_mmu_set_accessed_bit)
 #if WANT_kvm_mmu_set_dirty_bit
 AD_BIT_PROBE(kvm_mmu_set_dirty_bit)
 #endif
-
 
 /* ---- kvmmmu: shadow pages (struct kvm_mmu_page *) ---- */
 
@@ -339,7 +336,6 @@ RAW_TRACEPOINT_PROBE(kvm_mmu_split_huge_page)	/* (u64 gfn, u64 spte, int level, 
 }
 #endif
 
-
 #if WANT_fast_page_fault
 /* (struct kvm_vcpu *, struct kvm_page_fault *, u64 *sptep, u64 old_spte, int ret) */
 RAW_TRACEPOINT_PROBE(fast_page_fault)
@@ -373,8 +369,6 @@ RAW_TRACEPOINT_PROBE(mark_mmio_spte)	/* (u64 *sptep, gfn_t gfn, u64 spte) */
 	return 0;
 }
 #endif
-
-
 
 /* ---- kvm: vCPU events ---- */
 
@@ -445,8 +439,6 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 #endif
 
 /* ---- kvm: emulated I/O ---- */
-
-
 
 /* The first @len bytes at @val, as the tracepoints copy them (0 when there is no buffer). */
 static __always_inline u64 io_value(u64 val, u32 len)
