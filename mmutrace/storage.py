@@ -59,11 +59,14 @@ _SEGMENT_KEY = b"mmutrace.segment"  # JSON {first, last, rows, row_group_rows} o
 #: Column statistics are kept where a reader can use them to skip row groups (time and CPU ranges,
 #: the span in ``info``); elsewhere they only cost space.
 _STATISTICS_COLUMNS = ["ts_ns", "cpu", "seq", "vm", "vcpu", "gfn"]
-#: Delta encoding for the integer columns: ts_ns and seq are monotonic per CPU and gfn, addr, spte,
-#: pfn move in small steps, so deltas pack into a few bits before zstd (15% smaller than plain on
-#: the synthetic fault stream; ts_ns/seq alone halve the file).
-_DELTA_COLUMNS = tuple(
-    f.name for f in schema.ARROW_SCHEMA if pa.types.is_integer(f.type) and f.name not in ("cpu", "event")
+#: Column encodings, measured on a real recording (docs/schema.md "Encodings and size").  ts_ns and
+#: seq are monotonic per CPU and gfn moves in small steps: delta packs them into a few bits.  The
+#: other 64-bit columns (SPTEs, addresses, pointers) mix unrelated values from interleaved events,
+#: where deltas are large; byte-stream split groups their mostly constant high bytes for zstd.
+_DELTA_COLUMNS = ("ts_ns", "seq", "gfn")
+_BYTE_STREAM_SPLIT_COLUMNS = tuple(
+    f.name for f in schema.ARROW_SCHEMA
+    if pa.types.is_integer(f.type) and f.type.bit_width == 64 and f.name not in _DELTA_COLUMNS
 )
 _ZSTD_LEVEL = 3  # levels 6-12 gain <1% on trace data and cost up to 5x the time
 
@@ -222,7 +225,10 @@ def _parquet_writer(path: Path, metadata: dict[bytes, bytes]) -> pq.ParquetWrite
         compression="zstd",
         compression_level=_ZSTD_LEVEL,
         use_dictionary=["event"],
-        column_encoding={name: "DELTA_BINARY_PACKED" for name in _DELTA_COLUMNS},
+        column_encoding={
+            **{name: "DELTA_BINARY_PACKED" for name in _DELTA_COLUMNS},
+            **{name: "BYTE_STREAM_SPLIT" for name in _BYTE_STREAM_SPLIT_COLUMNS},
+        },
         write_statistics=_STATISTICS_COLUMNS,
         sorting_columns=[pq.SortingColumn(i) for i in sort_index],
     )

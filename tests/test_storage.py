@@ -408,6 +408,22 @@ def test_shadow_fault_stream_bytes_per_event(tmp_path: Path) -> None:
     assert per_event <= 8
 
 
+@pytest.mark.bcc
+def test_real_recording_bytes_per_event(tmp_path: Path) -> None:
+    """The same figure on a real bcc recording of the touch scenario (docs/schema.md quotes 65536 pages)."""
+    path = tmp_path / "touch.parquet"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from mmutrace.cli import main; main()", "record", "--scenario", "touch",
+         "--size", "8192", "-o", str(path)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    trace = storage.open_trace(path)
+    per_event = path.stat().st_size / trace.num_rows
+    print(f"\nreal touch recording: {trace.num_rows} events, {per_event:.3f} bytes/event")
+    assert trace.num_rows > 100_000 and per_event <= 8
+
+
 def test_schema_doc_embeds_the_event_catalogue_and_lists_every_column_and_key() -> None:
     doc = DOCS.read_text()
     assert schema.event_catalogue_markdown() in doc, "regenerate the table: python -m mmutrace.schema"
