@@ -20,7 +20,7 @@ _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 PROT_READ, PROT_WRITE = 0x1, 0x2
-MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_HUGETLB = 0x01, 0x02, 0x20, 0x40000
+MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
 MADV_DONTNEED, MADV_HUGEPAGE = 4, 14
 _MAP_FAILED = ctypes.c_void_p(-1).value
 

@@ -17,27 +17,21 @@ HUGE_PAGE_SIZE = 2 << 20
 
 
 class HostMemory:
-    """One anonymous private mapping, optionally THP-advised or hugetlbfs-backed, 2 MiB aligned.
+    """One anonymous private mapping, 2 MiB aligned, optionally advised for transparent huge pages.
 
     ``u8``/``u64`` are numpy views of the whole mapping; ``hva`` is its host virtual address.
     Alignment to 2 MiB lets a 2M guest mapping be backed by one host huge page.
     """
 
-    def __init__(self, size: int, *, thp: bool = False, hugetlb: bool = False) -> None:
+    def __init__(self, size: int, *, thp: bool = False) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"memory size {size} is not a positive multiple of {PAGE_SIZE}")
         self.size = size
-        flags = libc.MAP_PRIVATE | libc.MAP_ANONYMOUS
-        if hugetlb:
-            size = -(-size // HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE
-            self._map_addr = libc.mmap(size, libc.PROT_READ | libc.PROT_WRITE, flags | libc.MAP_HUGETLB,
-                                      what="mmap(MAP_HUGETLB) (are hugetlbfs pages reserved in vm.nr_hugepages?)")
-            self._map_len, self.hva = size, self._map_addr
-        else:
-            # Over-allocate and align the start so THP can back 2M-aligned guest ranges.
-            self._map_len = size + HUGE_PAGE_SIZE
-            self._map_addr = libc.mmap(self._map_len, libc.PROT_READ | libc.PROT_WRITE, flags)
-            self.hva = -(-self._map_addr // HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE
+        # Over-allocate and align the start so THP can back 2M-aligned guest ranges.
+        self._map_len = size + HUGE_PAGE_SIZE
+        self._map_addr = libc.mmap(self._map_len, libc.PROT_READ | libc.PROT_WRITE,
+                                   libc.MAP_PRIVATE | libc.MAP_ANONYMOUS)
+        self.hva = -(-self._map_addr // HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE
         if thp:
             libc.madvise(self.hva, self.size, libc.MADV_HUGEPAGE, what="madvise(MADV_HUGEPAGE)")
         buf = (ctypes.c_uint8 * self.size).from_address(self.hva)
