@@ -37,7 +37,8 @@ def run(ctx: ScenarioRun) -> None:
 
     ctx.phase("fault")
     pages = region_pages()
-    ops = np.where(np.arange(len(pages)) % TOUCHES_PER_REGION == 0, OP_WRITE, ctx.rng.choice([OP_READ, OP_WRITE], len(pages)))
+    ops = ctx.rng.choice([OP_READ, OP_WRITE], len(pages))
+    ops[::TOUCHES_PER_REGION] = OP_WRITE  # a region's first access writes: its huge SPTE is writable at once
     guest.run(vcpu, commands(ops, page_addrs(pages), pages))
 
     ctx.phase("split")

@@ -44,7 +44,8 @@ def run(ctx: ScenarioRun) -> None:
     guest.run(vcpu, commands(OP_WRITE, page_addrs(range(DATA_PAGES)), 1))
 
     ctx.phase("mmio")
-    mmio_addrs = np.uint64(MMIO_GPA) + ctx.rng.integers(0, MMIO_PAGES * PAGE_SIZE // 8, n).astype(np.uint64) * np.uint64(8)
+    qwords = ctx.rng.integers(0, MMIO_PAGES * PAGE_SIZE // 8, n).astype(np.uint64)
+    mmio_addrs = np.uint64(MMIO_GPA) + qwords * np.uint64(8)
     mmio_ops = ctx.rng.choice([OP_READ, OP_WRITE], n)
     data_addrs = page_addrs(ctx.rng.integers(0, DATA_PAGES, n))
     cmds = commands(np.column_stack([mmio_ops, np.full(n, OP_READ)]).ravel(),
@@ -54,11 +55,12 @@ def run(ctx: ScenarioRun) -> None:
     reads = cmds[::2][mmio_ops == OP_READ]
     ctx.details["mmio_planned"] = n
     ctx.details["mmio_exits"] = guest.mmio_exits - exits_before
-    ctx.details["mmio_reads_answered"] = int(np.count_nonzero(reads["value"] == reads["addr"] ^ np.uint64(MMIO_READ_PATTERN)))
+    answered = reads["value"] == reads["addr"] ^ np.uint64(MMIO_READ_PATTERN)
+    ctx.details["mmio_reads_answered"] = int(np.count_nonzero(answered))
     ctx.details["mmio_reads"] = len(reads)
 
 
 SCENARIO = Scenario(
     name="mmio",
-    doc="accesses to guest-physical addresses without a memslot: emulated MMIO exits (no MMIO SPTEs with mmio_caching=N)",
+    doc="accesses to guest-physical addresses without a memslot: emulated MMIO exits (no MMIO SPTEs, mmio_caching=N)",
     default_size=256, size_unit="accesses", min_size=1, max_size=1 << 20, body=run)
