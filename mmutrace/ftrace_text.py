@@ -5,12 +5,14 @@ mirrors its ``TP_printk`` (``PRINT_FORMATS``, written from the format files of 6
 where a kernel prints an event differently, each variant has its own pattern).  Fields that the text
 shows only in decoded form are turned back into numbers: the shadow-page role word from its printed
 parts (``role_from_text``), PFERR flag names, exit-reason and KVM_EXIT names (from the kernel's own
-``__print_symbolic`` tables, read from the format files), RET_PF values from ``spurious``/``fixed``.
+``__print_symbolic`` tables, read from format files), RET_PF values from ``spurious``/``fixed``.
 
-Parsing is done a chunk of lines at a time: one regular expression splits every line into its
-header and body, lines are grouped by event, and each event's pattern runs over its group.  Lines
-that do not parse are counted per reason (``ParseStats.unparsed``), never dropped silently; events
-outside the trace format (kvm_fpu, sched_switch, ...) are counted as skipped.
+Parsing is columnar: a chunk of lines becomes one Arrow string array, one RE2 expression
+(``pyarrow.compute.extract_regex``) splits every line into header and body, lines are grouped by
+event, and each event's pattern runs over its group; hex and decimal text is cast to integers by
+Arrow.  Only printed *names* (a handful of distinct values) go through Python.  Lines that do not
+parse are counted per reason (``ParseStats.unparsed``), never dropped silently; events outside the
+trace format (kvm_fpu, sched_switch, ...) are counted as skipped.
 """
 
 from __future__ import annotations
@@ -23,20 +25,20 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmutrace.errors import HostError, TraceFileError
-from mmutrace.schema import ARROW_SCHEMA, COLUMN_TYPES, EVENTS, EVENTS_BY_NAME, SORT_COLUMNS
-from mmutrace.tracefs import EventFormat, parse_format, read_format
+from mmutrace.schema import ARROW_SCHEMA, EVENTS, EVENTS_BY_NAME, SORT_COLUMNS
+from mmutrace.tracefs import parse_format, read_format
 
 #: Default limit on unparsed lines, as a fraction of the event lines (``mmutrace import --max-unparsed``).
 MAX_UNPARSED_FRACTION = 0.01
-#: Lines parsed per batch: bounds memory for multi-GB captures.
-CHUNK_LINES = 262_144
+#: Bytes of text parsed per batch: bounds memory for multi-GB captures.
+CHUNK_BYTES = 64 << 20
 
 # --------------------------------------------------------------------------------------------
 # kvm_mmu_page_role as the text shows it (KVM_MMU_PAGE_PRINTK in mmutrace.h)
@@ -64,18 +66,23 @@ ROLE_KNOWN_MASK = (
     | (0x7 << RoleBit.ACCESS) | (1 << RoleBit.INVALID) | (1 << RoleBit.EFER_NX) | (1 << RoleBit.AD_DISABLED)
 )
 
-_ACCESS_BITS = {"x": 1, "w": 2, "u": 4}  # access_str[] in mmutrace.h prints w, u, x in that order
+
+def access_from_text(text: str) -> int:
+    """ACC_* bits from mmutrace.h's ``access_str[]`` (``w``=ACC_WRITE 2, ``u``=ACC_USER 4, ``x``=ACC_EXEC 1)."""
+    return {"w": 2, "u": 4, "x": 1}.get(text[0], 0) | {"u": 4}.get(text[1], 0) | {"x": 1}.get(text[2], 0)
 
 
-def role_from_text(level: int, gpte_bytes: int, quadrant: int, direct: bool, access: str, invalid: bool,
-                   nxe: bool, ad: bool) -> int:
-    """The role word as far as ``sp gen .. l<level> <4|8>-byte q<quadrant> [direct] <wux> [invalid]
-    [!]nxe [!]ad ..`` tells it (bits outside ROLE_KNOWN_MASK are 0)."""
-    acc = sum(_ACCESS_BITS[c] for c in access if c != "-")
+def role_from_text(level: Any, gpte_bytes: Any, quadrant: Any, direct: Any, access: Any, invalid: Any,
+                   nxe: Any, ad: Any) -> Any:
+    """The role word as far as ``l<level> <4|8>-byte q<quadrant> [direct] <wux> [invalid] [!]nxe [!]ad``
+    tells it; bits outside ROLE_KNOWN_MASK are 0.  Works on ints or on equally long numpy arrays
+    (``access`` already as ACC_* bits; the flags as bools, ``nxe``/``ad`` true when printed without ``!``)."""
+    as_int = lambda v: np.asarray(v).astype(np.int64)  # noqa: E731 - local shorthand
     return (
-        (level << RoleBit.LEVEL) | (int(gpte_bytes == 4) << RoleBit.HAS_4_BYTE_GPTE) | (quadrant << RoleBit.QUADRANT)
-        | (int(direct) << RoleBit.DIRECT) | (acc << RoleBit.ACCESS) | (int(invalid) << RoleBit.INVALID)
-        | (int(nxe) << RoleBit.EFER_NX) | (int(not ad) << RoleBit.AD_DISABLED)
+        (as_int(level) << RoleBit.LEVEL) | (as_int(np.asarray(gpte_bytes) == 4) << RoleBit.HAS_4_BYTE_GPTE)
+        | (as_int(quadrant) << RoleBit.QUADRANT) | (as_int(direct) << RoleBit.DIRECT)
+        | (as_int(access) << RoleBit.ACCESS) | (as_int(invalid) << RoleBit.INVALID)
+        | (as_int(nxe) << RoleBit.EFER_NX) | (as_int(np.logical_not(ad)) << RoleBit.AD_DISABLED)
     )
 
 
@@ -91,21 +98,23 @@ VMX_EXIT_REASONS_FAILED_VMENTRY = 0x80000000
 
 
 class RetPfNumbering(enum.Enum):
-    """RET_PF_FIXED/RET_PF_SPURIOUS values: RET_PF_WRITE_PROTECTED (6.12) shifted them up by one."""
+    """(RET_PF_FIXED, RET_PF_SPURIOUS): RET_PF_WRITE_PROTECTED (6.12) shifted both up by one."""
 
     V6_1 = (4, 5)
     V6_12 = (5, 6)
 
     @classmethod
     def for_release(cls, release: str) -> RetPfNumbering:
-        major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", release).groups())
-        return cls.V6_12 if (major, minor) >= (6, 12) else cls.V6_1
+        m = re.match(r"(\d+)\.(\d+)", release)
+        if not m:
+            raise TraceFileError(f"cannot read a kernel version from {release!r} (expected e.g. 6.1 or 6.12.117)")
+        return cls.V6_12 if (int(m[1]), int(m[2])) >= (6, 12) else cls.V6_1
 
 
 _BUNDLED_FORMATS = Path(__file__).with_name("tracefs_formats")
 
 
-def _symbol_table(event: str) -> dict[str, int]:
+def symbol_table(event: str) -> dict[str, int]:
     """Names → values of ``kvm:<event>``'s printed symbols: the bundled 6.18 format (a superset of
     6.1's and 6.12's tables), extended by the running kernel's when it has the event."""
     table = parse_format((_BUNDLED_FORMATS / f"kvm.{event}.format").read_text()).symbols()
@@ -116,14 +125,39 @@ def _symbol_table(event: str) -> dict[str, int]:
     return table
 
 
+def symbol_value(name: str, table: dict[str, int]) -> int | None:
+    """A ``__print_symbolic`` name back to its value; values without a name print as ``0x..``."""
+    if name in table:
+        return table[name]
+    return int(name, 16) if re.fullmatch(r"0x[0-9a-fA-F]+", name) else None
+
+
+def pferr_from_flags(text: str) -> int:
+    """PFERR bits from ``__print_flags`` text such as ``P|W|U`` (unnamed leftovers print as 0x..)."""
+    return sum(PFERR_FLAGS[f] if f in PFERR_FLAGS else int(f, 16) for f in text.split("|") if f)
+
+
+def exit_reason_from_text(text: str, table: dict[str, int]) -> int | None:
+    """kvm_exit's ``reason %s%s%s``: a VMX or SVM name (plus `` FAILED_VMENTRY``), or hex if unnamed."""
+    name, _, flag = text.partition(" ")
+    value = symbol_value(name, table)
+    if value is None or flag not in ("", "FAILED_VMENTRY"):
+        return None
+    if flag:
+        value |= VMX_EXIT_REASONS_FAILED_VMENTRY
+    return value & 0xFFFFFFFF  # { -1, "invalid_guest_state" } is the u32 0xffffffff
+
+
 # --------------------------------------------------------------------------------------------
 # One pattern per print format
 # --------------------------------------------------------------------------------------------
 
 # ``{name:kind}`` in a pattern is a named group of one TP_printk conversion:
-#   x  %llx / %#llx / 0x%lx (hex, optional 0x)   d  %d / %u (decimal)   p  %p (hashed or raw pointer)
-_KINDS = {"x": r"(?:0x)?[0-9a-fA-F]+", "d": r"-?\d+", "p": r"(?:0x)?[0-9a-fA-F]+"}
+#   x  %llx / %#llx / 0x%lx (hex, optional 0x)   d  %d / %u (decimal)   p  %p (pointer, hex)
+_KINDS = {"x": r"(?:0x)?(?P<{}>[0-9a-fA-F]+)", "d": r"(?P<{}>-?\d+)", "p": r"(?:0x)?(?P<{}>[0-9a-fA-F]+)"}
 _TOKEN = re.compile(r"\{(\w+):([xdp])\}")
+
+Fields = dict[str, pa.Array]  # tracefs field name (or a printed word's group) -> one value per line
 
 
 @dataclass(frozen=True)
@@ -136,21 +170,26 @@ class PrintFormat:
     variant: str = ""
 
     @property
-    def pattern(self) -> re.Pattern[str]:
-        return _compiled(self.text)
+    def regex(self) -> str:
+        """The RE2 expression of a whole body (the trailing %c of a 0 char and padding allowed)."""
+        return "^" + _TOKEN.sub(lambda m: _KINDS[m[2]].format(m[1]), self.text) + r"[ \t\x00]*$"
 
-    def numeric_groups(self) -> dict[str, str]:
-        return dict(_TOKEN.findall(self.text))
-
-
-_PATTERN_CACHE: dict[str, re.Pattern[str]] = {}
-
-
-def _compiled(text: str) -> re.Pattern[str]:
-    if text not in _PATTERN_CACHE:
-        body = _TOKEN.sub(lambda m: f"(?P<{m[1]}>{_KINDS[m[2]]})", text)
-        _PATTERN_CACHE[text] = re.compile(body + r"[\s\x00]*")  # trailing %c of a 0 char, padding
-    return _PATTERN_CACHE[text]
+    def decode(self, bodies: pa.Array) -> tuple[np.ndarray, Fields]:
+        """Which bodies match, and the fields of those that do; numbers cast from their printk text."""
+        found = pc.extract_regex(bodies, self.regex)
+        hit = found.is_valid().to_numpy(zero_copy_only=False)
+        found = found.filter(pa.array(hit))
+        kinds = dict(_TOKEN.findall(self.text))
+        out: Fields = {}
+        for i, f in enumerate(found.type):
+            values = found.field(i)
+            kind = kinds.get(f.name)
+            if kind in ("x", "p"):
+                values = pc.cast(pc.binary_join_element_wise("0x", values, ""), pa.uint64())  # Arrow reads 0x..
+            elif kind == "d":
+                values = pc.cast(values, pa.int64())
+            out[f.name] = values
+        return hit, out
 
 
 # KVM_MMU_PAGE_PRINTK: "sp gen %u gfn %llx l%u %u-byte q%u%s %s%s %snxe %sad root %u %s%c"
@@ -182,7 +221,8 @@ PRINT_FORMATS: tuple[PrintFormat, ...] = (
     PrintFormat("mark_mmio_spte", r"sptep:{sptep:p} gfn {gfn:x} access {access:x} gen {gen:x}"),
     PrintFormat("handle_mmio_page_fault", r"addr:{addr:x} gfn {gfn:x} access {access:x}"),
     PrintFormat("check_mmio_spte", r"spte {spte:x} kvm_gen {kvm_gen:x} spte-gen {spte_gen:x} valid [01]"),
-    PrintFormat("kvm_page_fault", r"vcpu {vcpu_id:d} rip {guest_rip:x} address {fault_address:x} error_code {error_code:x}"),
+    PrintFormat("kvm_page_fault",
+                r"vcpu {vcpu_id:d} rip {guest_rip:x} address {fault_address:x} error_code {error_code:x}"),
     PrintFormat("kvm_entry", r"vcpu {vcpu_id:d}, rip {rip:x} intr_info {intr_info:x} error_code {error_code:x}"
                 r"(?:\[immediate exit\])?", variant="6.18"),
     PrintFormat("kvm_entry", r"vcpu {vcpu_id:d}, rip {rip:x}(?:\[immediate exit\])?", variant="6.1-6.12"),
@@ -207,9 +247,12 @@ for _pf in PRINT_FORMATS:
 # Decoders for the fields the text prints by name
 # --------------------------------------------------------------------------------------------
 
-Fields = dict[str, list]  # tracefs field name -> one value per matched line (None = unknown)
-#: A decoder's per-line flag: the text printed a name no table knows, so the line is unparsed.
-BAD = "_bad"
+
+def map_words(words: pa.Array, fn: Callable[[str], Any], type_: pa.DataType) -> pa.Array:
+    """``fn`` applied to each distinct printed word (a handful per event), then spread back."""
+    encoded = pc.dictionary_encode(words)
+    values = pa.array([fn(w) for w in encoded.dictionary.to_pylist()], type_)
+    return values.take(encoded.indices)
 
 
 @dataclass
@@ -221,69 +264,49 @@ class DecodeContext:
 
     def table(self, event: str) -> dict[str, int]:
         if event not in self.symbols:
-            self.symbols[event] = _symbol_table(event)
+            self.symbols[event] = symbol_table(event)
         return self.symbols[event]
 
 
 def _decode_sp(g: Fields, ctx: DecodeContext) -> Fields:
-    g["role"] = [
-        role_from_text(lv, b, q, bool(d), acc, bool(inv), nx == "", ad == "")
-        for lv, b, q, d, acc, inv, nx, ad in zip(g["level"], g["gpte_bytes"], g["quadrant"], g["direct"],
-                                                 g["access"], g["invalid"], g["nxe"], g["ad"])
-    ]
-    g["unsync"] = [s == "unsync" for s in g["sync"]]
+    def flag(name: str, printed: str) -> np.ndarray:
+        return pc.equal(g[name], printed).to_numpy(zero_copy_only=False)
+
+    g["role"] = pa.array(role_from_text(
+        g["level"].to_numpy(), g["gpte_bytes"].to_numpy(), g["quadrant"].to_numpy(), flag("direct", " direct"),
+        map_words(g["access"], access_from_text, pa.int64()).to_numpy(), flag("invalid", " invalid"),
+        flag("nxe", ""), flag("ad", "")), pa.uint32())
+    g["unsync"] = pc.equal(g["sync"], "unsync")
     if "created" in g:
-        g["created"] = [c == "new" for c in g["created"]]
+        g["created"] = pc.equal(g["created"], "new")
     return g
-
-
-def pferr_from_flags(text: str) -> int:
-    """PFERR bits from ``__print_flags`` text such as ``P|W|U`` (unnamed leftovers print as 0x..)."""
-    return sum(PFERR_FLAGS[f] if f in PFERR_FLAGS else int(f, 16) for f in text.split("|") if f)
 
 
 def _decode_fast_page_fault(g: Fields, ctx: DecodeContext) -> Fields:
-    g["error_code"] = [pferr_from_flags(f) for f in g["flags"]]
-    fixed, spurious = ctx.ret_pf.value if ctx.ret_pf else (None, None)
+    g["error_code"] = map_words(g["flags"], pferr_from_flags, pa.uint64())
     # "spurious %d fixed %d" tells only those two outcomes; RETRY and INVALID both print "0 0".
-    g["ret"] = [spurious if s == "1" else fixed if f == "1" else None for s, f in zip(g["spurious"], g["fixed"])]
+    fixed, spurious = ctx.ret_pf.value if ctx.ret_pf else (None, None)
+    g["ret"] = pc.if_else(pc.equal(g["spurious"], "1"), pa.scalar(spurious, pa.int64()),
+                          pc.if_else(pc.equal(g["fixed"], "1"), pa.scalar(fixed, pa.int64()), pa.scalar(None, pa.int64())))
     return g
-
-
-def symbol_value(name: str, table: dict[str, int]) -> int | None:
-    """A ``__print_symbolic`` name back to its value; unnamed values print as ``0x..``."""
-    if name in table:
-        return table[name]
-    return int(name, 16) if re.fullmatch(r"0x[0-9a-fA-F]+", name) else None
-
-
-def exit_reason_from_text(text: str, table: dict[str, int]) -> int | None:
-    """kvm_exit's ``reason %s%s%s``: a VMX or SVM name (plus ``FAILED_VMENTRY``), or hex if unnamed."""
-    name, _, flag = text.partition(" ")
-    value = symbol_value(name, table)
-    if value is None or flag not in ("", "FAILED_VMENTRY"):
-        return None
-    if flag:
-        value |= VMX_EXIT_REASONS_FAILED_VMENTRY
-    return value & 0xFFFFFFFF  # { -1, "invalid_guest_state" } is the u32 0xffffffff
 
 
 def _decode_kvm_exit(g: Fields, ctx: DecodeContext) -> Fields:
     table = ctx.table("kvm_exit")
-    g["exit_reason"] = [exit_reason_from_text(r, table) for r in g["reason"]]
-    g[BAD] = [r is None for r in g["exit_reason"]]
+    g["exit_reason"] = map_words(g["reason"], lambda r: exit_reason_from_text(r, table), pa.uint32())
+    g[BAD] = g["exit_reason"].is_null()
     return g
 
 
 def _decode_kvm_mmio(g: Fields, ctx: DecodeContext) -> Fields:
     table = ctx.table("kvm_mmio")
-    g["type"] = [symbol_value(t, table) for t in g["type_name"]]
-    g[BAD] = [t is None for t in g["type"]]
+    g["type"] = map_words(g["type_name"], lambda t: symbol_value(t, table), pa.uint32())
+    g[BAD] = g["type"].is_null()
     return g
 
 
 def _decode_kvm_pio(g: Fields, ctx: DecodeContext) -> Fields:
-    g["rw"] = [int(rw == "write") for rw in g["rw_name"]]
+    g["rw"] = pc.cast(pc.equal(g["rw_name"], "write"), pa.uint32())
     return g
 
 
@@ -291,12 +314,16 @@ def _decode_kvm_userspace_exit(g: Fields, ctx: DecodeContext) -> Fields:
     """``reason %s (%d)``: errno < 0 prints restart/error and -errno (the reason is not shown);
     otherwise the KVM_EXIT_* name and the reason, and errno is 0 (the run ioctl succeeded)."""
     table = ctx.table("kvm_userspace_exit")
-    failed = [name in ("restart", "error") for name in g["reason_name"]]
-    g["reason"] = [None if f else symbol_value(name, table) for f, name in zip(failed, g["reason_name"])]
-    g["errno"] = [-shown if f else 0 for f, shown in zip(failed, g["shown"])]
-    g[BAD] = [not f and r is None for f, r in zip(failed, g["reason"])]
+    failed = pc.is_in(g["reason_name"], pa.array(["restart", "error"]))
+    reason = map_words(g["reason_name"], lambda n: symbol_value(n, table), pa.uint32())
+    g["reason"] = pc.if_else(failed, pa.scalar(None, pa.uint32()), reason)
+    g["errno"] = pc.if_else(failed, pc.negate(g["shown"]), pa.scalar(0, pa.int64()))
+    g[BAD] = pc.and_(pc.invert(failed), reason.is_null())
     return g
 
+
+#: A decoder's per-line flag: the text printed a name no table knows, so the line is unparsed.
+BAD = "_bad"
 
 _DECODERS: dict[str, Callable[[Fields, DecodeContext], Fields]] = {
     "kvm_mmu_get_page": _decode_sp,
@@ -311,24 +338,18 @@ _DECODERS: dict[str, Callable[[Fields, DecodeContext], Fields]] = {
 }
 
 
-
 # --------------------------------------------------------------------------------------------
 # Lines
 # --------------------------------------------------------------------------------------------
 
-# "<comm>-<tid> (<tgid>) [<cpu>] <flags> <secs>.<frac>: <event>: <body>" (trace, trace_pipe; tgid
-# column with options/record-tgid, flags without trace-cmd), the LOST/DROPPED notes, or anything else.
-_LINE = re.compile(
-    r"^(?:"
-    r" *(?P<comm>.+?)-(?P<tid>\d+) +(?:\( *(?P<tgid>\d+|-+)\) +)?\[(?P<cpu>\d+)\] +(?:[^ :\[\]]{4,6} +)?"
-    r"(?P<sec>\d+)(?:\.(?P<frac>\d+))?: +(?P<event>\w+): *(?P<body>.*?)"
-    r"|CPU:(?P<lost_cpu>\d+) \[(?:LOST (?P<lost>\d+) EVENTS|(?P<dropped>\d+) EVENTS DROPPED)\]"
-    r"|(?P<other>.*?))\r?$",
-    re.M,
-)
-_G = {name: i - 1 for name, i in _LINE.groupindex.items()}
+# "<comm>-<tid> (<tgid>) [<cpu>] <flags> <secs>.<frac>: <event>: <body>": trace and trace_pipe (the
+# tgid column with options/record-tgid, "(-------)" when unknown), trace-cmd report (no tgid, and
+# flags only with -l; the event name padded with spaces).
+_HEADER = (r"^ *.+?-(?P<tid>\d+) +(?:\( *(?P<tgid>\d+|-+)\) +)?\[(?P<cpu>\d+)\] +(?:[^ :\[\]]{4,6} +)?"
+           r"(?P<sec>\d+)(?:\.(?P<frac>\d+))?: +(?P<event>\w+): *(?P<body>.*?)\r?$")
+_LOST = re.compile(r"CPU:(\d+) \[(?:LOST (\d+) EVENTS|(\d+) EVENTS DROPPED)\]")
 #: Lines that are not events but not errors either: comments, trace-cmd's preamble, empty CPUs.
-_NOISE = re.compile(r"^(?:#.*|\s*|cpus=\d+|version = \d+|CPU \d+ is empty)$")
+_NOISE = re.compile(r"#.*|\s*|cpus=\d+|version = \d+|CPU \d+ is empty")
 _MARKER_EVENTS = ("tracing_mark_write", "print")
 
 
@@ -368,7 +389,7 @@ class ParseStats:
                 f"(more than {max_fraction:.2%}; {reasons}; first: {self.first_unparsed!r})")
 
     def kernel_guess(self) -> str | None:
-        """The kernel range the print formats point to ('6.18', '6.1-6.12'), None if they do not tell."""
+        """The kernels the print formats point to ('6.18', '6.1-6.12'), None when they do not tell."""
         return "6.18" if "6.18" in self.variants else "6.1-6.12" if "6.1-6.12" in self.variants else None
 
 
@@ -388,7 +409,7 @@ class ParsedText:
 
 _EVENT_DICTIONARY = pa.array([e.name for e in EVENTS], pa.string())
 _EVENT_INDEX = {e.name: i for i, e in enumerate(EVENTS)}
-_NP_TYPES = {name: np.dtype(t.to_pandas_dtype()) for name, t in COLUMN_TYPES.items() if name != "event"}
+_NUMPY_TYPES = {f.name: np.dtype(f.type.to_pandas_dtype()) for f in ARROW_SCHEMA if f.name != "event"}
 
 
 class TextParser:
@@ -396,205 +417,179 @@ class TextParser:
 
     def __init__(self, tgid: int | None = None, kernel: str | None = None) -> None:
         self.tgid = tgid
-        self.kernel = kernel
         self.stats = ParseStats()
         self._seq: Counter = Counter()
         self._vcpu_of_tid: dict[int, int] = {}
         self._ctx = DecodeContext(RetPfNumbering.for_release(kernel) if kernel else None)
 
-    # ---- per chunk
-
     def parse_chunk(self, text: str) -> pa.Table:
-        rows = _LINE.findall(text)
-        if text.endswith("\n"):
-            rows.pop()  # findall's empty match after the last newline
-        if not rows:
-            return ARROW_SCHEMA.empty_table()
-        if self.stats.lines == 0:
-            self._detect_format(text)
-        self.stats.lines += len(rows)
-        cols = list(zip(*rows))
-        events = np.array(cols[_G["event"]], dtype=object)
-        self._count_other_lines(cols, events)
-
-        is_event = events != ""
-        codes, names = pd.factorize(events)
-        cpu = np.array(cols[_G["cpu"]], dtype=object)
-        cpu_num = np.where(is_event, cpu, "0").astype(np.int64)
-        seq = self._sequence(cpu_num, is_event)
-        keep = np.zeros(len(rows), bool)
-        decoded: dict[str, tuple[np.ndarray, Fields]] = {}
-        body = np.array(cols[_G["body"]], dtype=object)
-        for code, name in enumerate(names):
-            if name == "":
-                continue
-            idx = np.flatnonzero(codes == code)
-            if name in _MARKER_EVENTS:
-                self._markers(idx, body, cols, name)
-            elif name not in FORMATS_BY_EVENT:
-                self.stats.skipped[name] += len(idx)
-            else:
-                ok, fields = self._decode_event(name, idx, body)
-                keep[ok] = True
-                decoded[name] = (ok, fields)
-        return self._table(cols, events, cpu_num, seq, keep, decoded)
-
-    def _detect_format(self, text: str) -> None:
-        head = text.lstrip()[:64]
-        if head.startswith(("cpus=", "version =")):
+        """The events of ``text`` (whole lines) as a table in ARROW_SCHEMA, sorted."""
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if self.stats.lines == 0 and lines and lines[0].startswith(("cpus=", "version =")):
             self.stats.text_format = TextFormat.TRACE_CMD
+        self.stats.lines += len(lines)
+        if not lines:
+            return ARROW_SCHEMA.empty_table()
+        head = pc.extract_regex(pa.array(lines, pa.string()), _HEADER)
+        is_event = head.is_valid().to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(~is_event):
+            self._other_line(lines[i])
+        head = head.filter(pa.array(is_event))
+        if len(head) == 0:
+            return ARROW_SCHEMA.empty_table()
+        cpu = pc.cast(head.field("cpu"), pa.int64()).to_numpy()
+        seq = self._sequence(cpu)
+        events = pc.dictionary_encode(head.field("event"))
+        codes = events.indices.to_numpy(zero_copy_only=False)
+        body = head.field("body")
+        ts = _timestamps(head.field("sec"), head.field("frac"))
+        pieces: list[tuple[np.ndarray, Fields, str]] = []
+        for code, name in enumerate(events.dictionary.to_pylist()):
+            rows = np.flatnonzero(codes == code)
+            if name in _MARKER_EVENTS:
+                self._markers(name, ts[rows], body.take(pa.array(rows)))
+            elif name not in FORMATS_BY_EVENT:
+                self.stats.skipped[name] += len(rows)
+            else:
+                pieces.append(self._decode_event(name, rows, body.take(pa.array(rows))))
+        tid = pc.cast(head.field("tid"), pa.int64()).to_numpy()
+        tgid = pc.cast(pc.if_else(pc.match_substring_regex(head.field("tgid"), r"^\d+$"), head.field("tgid"), None),
+                       pa.int64())
+        return self._table(pieces, ts, cpu, seq, tid, tgid)
 
-    def _count_other_lines(self, cols: list[tuple], events: np.ndarray) -> None:
-        for i in np.flatnonzero(events == ""):
-            if cols[_G["lost_cpu"]][i]:
-                cpu = int(cols[_G["lost_cpu"]][i])
-                n = int(cols[_G["lost"]][i] or cols[_G["dropped"]][i])
-                self.stats.lost_by_cpu[cpu] = self.stats.lost_by_cpu.get(cpu, 0) + n
-            elif not _NOISE.match(line := cols[_G["other"]][i]):
-                self._unparsed("no ftrace line header", line)
+    def _other_line(self, line: str) -> None:
+        """A line without an event header: a loss note, harmless noise, or unparsed."""
+        if m := _LOST.fullmatch(line.rstrip()):
+            cpu = int(m[1])
+            self.stats.lost_by_cpu[cpu] = self.stats.lost_by_cpu.get(cpu, 0) + int(m[2] or m[3])
+        elif not _NOISE.fullmatch(line):
+            self._unparsed("no ftrace line header", line)
 
     def _unparsed(self, reason: str, line: str, n: int = 1) -> None:
         self.stats.unparsed[reason] += n
         if self.stats.first_unparsed is None:
             self.stats.first_unparsed = line[:200]
 
-    def _sequence(self, cpu: np.ndarray, is_event: np.ndarray) -> np.ndarray:
+    def _sequence(self, cpu: np.ndarray) -> np.ndarray:
         """seq = the line's index among its CPU's event lines, continued across chunks."""
         seq = np.zeros(len(cpu), np.int64)
-        ev_cpu = cpu[is_event]
-        counts = pd.Series(ev_cpu).groupby(ev_cpu).cumcount().to_numpy()
-        base = np.array([self._seq[c] for c in ev_cpu], dtype=np.int64)
-        seq[is_event] = counts + base
-        for c, n in zip(*np.unique(ev_cpu, return_counts=True)):
-            self._seq[int(c)] += int(n)
+        for c in np.unique(cpu).tolist():
+            at = np.flatnonzero(cpu == c)
+            seq[at] = np.arange(len(at)) + self._seq[c]
+            self._seq[c] += len(at)
         return seq
 
-    def _markers(self, idx: np.ndarray, body: np.ndarray, cols: list[tuple], name: str) -> None:
-        ts = self._timestamps(cols, idx)
-        for t, text in zip(ts.tolist(), body[idx].tolist()):
+    def _markers(self, name: str, ts: np.ndarray, bodies: pa.Array) -> None:
+        for t, text in zip(ts.tolist(), bodies.to_pylist()):
             if name == "print":  # trace-cmd report: "print: tracing_mark_write: <text>" or "<ip>: <text>"
                 text = text.split(": ", 1)[1] if ": " in text else text
-            self.stats.markers.append((int(t), text.encode("latin-1").decode("utf-8", "replace")))
+            self.stats.markers.append((t, text.encode("latin-1").decode("utf-8", "replace")))
 
-    def _decode_event(self, name: str, idx: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, Fields]:
-        """Match ``name``'s lines against its print formats; returns the rows that matched and their fields."""
-        bodies = body[idx].tolist()
-        matched = np.zeros(len(idx), bool)
-        fields: Fields = {}
-        pending = np.arange(len(idx))
-        order: list[np.ndarray] = []
+    def _decode_event(self, name: str, rows: np.ndarray, bodies: pa.Array) -> tuple[np.ndarray, Fields, str]:
+        """Match ``name``'s lines against its print formats; the rows that decoded and their fields."""
+        pending = np.arange(len(rows))
+        parts: list[tuple[np.ndarray, Fields]] = []
         for fmt in FORMATS_BY_EVENT[name]:
             if len(pending) == 0:
                 break
-            matches = [fmt.pattern.fullmatch(bodies[i]) for i in pending]
-            hit = np.array([m is not None for m in matches], bool)
+            hit, fields = fmt.decode(bodies.take(pa.array(pending)))
             if not hit.any():
                 continue
             if fmt.variant:
                 self.stats.variants.add(fmt.variant)
-            ms = [m for m in matches if m is not None]
-            group: Fields = {}
-            numeric = fmt.numeric_groups()
-            for gname in fmt.pattern.groupindex:
-                values = [m[gname] for m in ms]
-                kind = numeric.get(gname)
-                group[gname] = ([int(v, 16) for v in values] if kind in ("x", "p")
-                                else [int(v) for v in values] if kind == "d" else values)
             if name in _DECODERS:
-                group = _DECODERS[name](group, self._ctx)
-            for k, v in group.items():
-                fields.setdefault(k, []).extend(v)
-            order.append(pending[hit])
-            matched[pending[hit]] = True
+                fields = _DECODERS[name](fields, self._ctx)
+            bad = fields.pop(BAD, None)
+            ok = pending[hit]
+            if bad is not None and (bad_np := bad.to_numpy(zero_copy_only=False)).any():
+                for i in ok[bad_np]:
+                    self._unparsed(f"{name}: a printed name no kernel table knows", bodies[int(i)].as_py())
+                keep = pa.array(~bad_np)
+                fields = {k: v.filter(keep) for k, v in fields.items()}
+                ok = ok[~bad_np]
+            parts.append((ok, fields))
             pending = pending[~hit]
         for i in pending:
-            self._unparsed(f"{name}: text does not match its print format", bodies[i])
-        rows = np.concatenate(order) if order else np.zeros(0, np.int64)
-        rows_line = idx[rows]
-        bad = np.array(fields.pop(BAD, [False] * len(rows)), bool)
-        for i in np.flatnonzero(bad):
-            self._unparsed(f"{name}: a printed name no kernel table knows", bodies[rows[i]])
-        if bad.any():
-            fields = {k: [v for v, b in zip(vals, bad) if not b] for k, vals in fields.items()}
-            rows_line = rows_line[~bad]
-        return rows_line, fields
+            self._unparsed(f"{name}: text does not match its print format", bodies[int(i)].as_py())
+        columns = {column: pa.concat_arrays([f[fname] for _, f in parts])
+                   for fname, column in EVENTS_BY_NAME[name].tracefs if parts and all(fname in f for _, f in parts)}
+        ok_rows = rows[np.concatenate([ok for ok, _ in parts])] if parts else np.zeros(0, np.int64)
+        return ok_rows, columns, name
 
-    def _timestamps(self, cols: list[tuple], idx: np.ndarray) -> np.ndarray:
-        """ns from ``<secs>.<frac>`` (any number of fraction digits); a clock printed without a
-        fraction (counter, x86-tsc) is kept as its raw count."""
-        sec = np.array([cols[_G["sec"]][i] for i in idx], dtype=object).astype(np.uint64)
-        frac_s = [cols[_G["frac"]][i] for i in idx]
-        lens = np.fromiter((len(f) for f in frac_s), np.int64, len(frac_s))
-        frac = np.array([f or "0" for f in frac_s], dtype=object).astype(np.uint64)
-        scale = np.where(lens > 0, 10 ** np.clip(9 - lens, 0, 9), 1).astype(np.uint64)
-        return np.where(lens > 0, sec * np.uint64(1_000_000_000) + frac * scale, sec)
-
-    def _table(self, cols: list[tuple], events: np.ndarray, cpu: np.ndarray, seq: np.ndarray, keep: np.ndarray,
-               decoded: dict[str, tuple[np.ndarray, Fields]]) -> pa.Table:
-        idx = np.flatnonzero(keep)
-        tid = np.array([cols[_G["tid"]][i] for i in idx], dtype=object).astype(np.int64)
-        tgid_s = [cols[_G["tgid"]][i] for i in idx]
-        tgid_known = np.fromiter((t.isdigit() for t in tgid_s), bool, len(tgid_s))
-        tgid = np.array([t if k else "0" for t, k in zip(tgid_s, tgid_known)], dtype=object).astype(np.int64)
-        pos = np.full(len(events), -1, np.int64)
-        pos[idx] = np.arange(len(idx))
-        n = len(idx)
+    def _table(self, pieces: list[tuple[np.ndarray, Fields, str]], ts: np.ndarray, cpu: np.ndarray, seq: np.ndarray,
+               tid: np.ndarray, tgid: pa.Array) -> pa.Table:
+        """Lay the events' columns out in line order, add the common columns, filter by tgid, sort."""
+        tgid_known = tgid.is_valid().to_numpy(zero_copy_only=False)
+        tgid_np = tgid.fill_null(0).to_numpy()
+        pid = np.where(tgid_known, tgid_np, tid)
+        line = np.sort(np.concatenate([rows for rows, _, _ in pieces])) if pieces else np.zeros(0, np.int64)
+        if self.tgid is not None:
+            mine = pid[line] == self.tgid
+            self.stats.filtered_out += int((~mine).sum())
+            line = line[mine]
+        n = len(line)
+        at = np.full(len(ts), -1, np.int64)  # line -> output row
+        at[line] = np.arange(n)
+        event = np.zeros(n, np.int16)
         values: dict[str, np.ndarray] = {}
         valid: dict[str, np.ndarray] = {}
-        for name, (rows, fields) in decoded.items():
-            at = pos[rows]
-            for fname, column in EVENTS_BY_NAME[name].tracefs:
-                vals = fields.get(fname)
-                if vals is None:
-                    continue
+        for rows, columns, name in pieces:
+            dest = at[rows]
+            mine = dest >= 0
+            event[dest[mine]] = _EVENT_INDEX[name]
+            for column, array in columns.items():
                 if column not in values:
-                    values[column] = np.zeros(n, _NP_TYPES[column])
+                    values[column] = np.zeros(n, _NUMPY_TYPES[column])
                     valid[column] = np.zeros(n, bool)
-                known = np.array([v is not None for v in vals], bool)
-                values[column][at[known]] = np.array([v for v in vals if v is not None], dtype=object).astype(
-                    _NP_TYPES[column]) if known.any() else []
-                valid[column][at[known]] = True
-        self._fill_vcpu(tid, values, valid, n)
-        event_codes = np.array([_EVENT_INDEX[e] for e in events[idx]], np.int16)
+                known = array.is_valid().to_numpy(zero_copy_only=False) & mine
+                values[column][dest[known]] = array.fill_null(False if pa.types.is_boolean(array.type) else 0
+                                                               ).to_numpy(zero_copy_only=False)[known]
+                valid[column][dest[known]] = True
+        vcpu = self._fill_vcpu(tid[line], values.pop("vcpu", np.zeros(n, np.int32)), valid.pop("vcpu", np.zeros(n, bool)))
         common = {
-            "ts_ns": pa.array(self._timestamps(cols, idx), pa.uint64()),
-            "cpu": pa.array(cpu[idx].astype(np.uint16)),
-            "seq": pa.array(seq[idx].astype(np.uint32)),
-            "pid": pa.array(np.where(tgid_known, tgid, tid).astype(np.int32)),
-            "tid": pa.array(tid.astype(np.int32)),
-            "vm": pa.array(tgid.astype(np.uint64), mask=~tgid_known),
-            "event": pa.DictionaryArray.from_arrays(pa.array(event_codes), _EVENT_DICTIONARY),
+            "ts_ns": pa.array(ts[line], pa.uint64()),
+            "cpu": pa.array(cpu[line], pa.uint16()),
+            "seq": pa.array(seq[line], pa.uint32()),
+            "pid": pa.array(pid[line], pa.int32()),
+            "tid": pa.array(tid[line], pa.int32()),
+            "vm": pa.array(tgid_np[line], pa.uint64(), mask=~tgid_known[line]),
+            "vcpu": vcpu,
+            "event": pa.DictionaryArray.from_arrays(pa.array(event, pa.int16()), _EVENT_DICTIONARY),
         }
-        arrays = []
-        for f in ARROW_SCHEMA:
-            if f.name in common:
-                arrays.append(common[f.name])
-            elif f.name in values:
-                arrays.append(pa.array(values[f.name], type=f.type, mask=~valid[f.name]))
-            else:
-                arrays.append(pa.nulls(n, f.type))
+        arrays = [common[f.name] if f.name in common
+                  else pa.array(values[f.name], f.type, mask=~valid[f.name]) if f.name in values
+                  else pa.nulls(n, f.type) for f in ARROW_SCHEMA]
         table = pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA)
-        self.stats.events += table.num_rows
-        if self.tgid is not None:
-            mine = pc.equal(table["pid"], self.tgid)
-            self.stats.filtered_out += table.num_rows - pc.sum(mine).as_py()
-            self.stats.events -= table.num_rows - pc.sum(mine).as_py()
-            table = table.filter(mine)
-        return table.sort_by([(c, "ascending") for c in SORT_COLUMNS])
+        self.stats.events += n
+        return sort_table(table)
 
-    def _fill_vcpu(self, tid: np.ndarray, values: dict, valid: dict, n: int) -> None:
+    def _fill_vcpu(self, tid: np.ndarray, vcpu: np.ndarray, has: np.ndarray) -> pa.Array:
         """A vCPU runs on one thread: rows of a thread that printed a vcpu id get that vcpu."""
-        if "vcpu" not in values:
-            values["vcpu"], valid["vcpu"] = np.zeros(n, np.int32), np.zeros(n, bool)
-        vcpu, has = values["vcpu"], valid["vcpu"]
-        for t, v in zip(tid[has].tolist(), vcpu[has].tolist()):
+        for t, v in set(zip(tid[has].tolist(), vcpu[has].tolist())):
             self._vcpu_of_tid[t] = v
-        if self._vcpu_of_tid:
-            missing = np.flatnonzero(~has)
-            known = [(i, self._vcpu_of_tid.get(t)) for i, t in zip(missing.tolist(), tid[missing].tolist())]
-            for i, v in known:
-                if v is not None:
-                    vcpu[i], has[i] = v, True
+        if self._vcpu_of_tid and not has.all():
+            for t, v in self._vcpu_of_tid.items():
+                fill = ~has & (tid == t)
+                vcpu[fill], has[fill] = v, True
+        return pa.array(vcpu, pa.int32(), mask=~has)
+
+
+def _timestamps(sec: pa.Array, frac: pa.Array) -> np.ndarray:
+    """ns from ``<secs>.<frac>`` (any number of fraction digits up to 9); a clock printed without a
+    fraction (counter, x86-tsc) is kept as its raw count."""
+    secs = pc.cast(sec, pa.uint64()).to_numpy()
+    has_frac = pc.greater(pc.utf8_length(frac), 0).to_numpy(zero_copy_only=False)
+    frac_ns = pc.cast(pc.utf8_rpad(pc.if_else(pa.array(has_frac), frac, "0"), width=9, padding="0"),
+                      pa.uint64()).to_numpy()
+    return np.where(has_frac, secs * np.uint64(1_000_000_000) + frac_ns, secs)
+
+
+def sort_table(table: pa.Table) -> pa.Table:
+    """``table`` ordered by SORT_COLUMNS; trace_pipe text is already in time order, so usually a check."""
+    order = np.lexsort([table[c].to_numpy() for c in reversed(SORT_COLUMNS)])
+    return table if np.array_equal(order, np.arange(table.num_rows)) else table.take(order)
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,7 +597,7 @@ class TextParser:
 # --------------------------------------------------------------------------------------------
 
 
-def read_chunks(path: Path, lines_per_chunk: int = CHUNK_LINES) -> Iterator[str]:
+def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
     """The file's text (gunzipped when it starts with the gzip magic) in chunks of whole lines.
 
     Decoded as latin-1 so any byte sequence reads; only marker text is re-decoded as UTF-8.
@@ -616,10 +611,7 @@ def read_chunks(path: Path, lines_per_chunk: int = CHUNK_LINES) -> Iterator[str]
         raise TraceFileError(f"{path}: {exc.strerror or exc}") from None
     try:
         with stream:
-            while True:
-                lines = stream.readlines(lines_per_chunk * 100)
-                if not lines:
-                    return
+            while lines := stream.readlines(chunk_bytes):
                 yield b"".join(lines).decode("latin-1")
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise TraceFileError(f"{path}: corrupt or truncated gzip data ({exc})") from None
@@ -639,14 +631,11 @@ def parse_file(path: Path, tgid: int | None = None, kernel: str | None = None) -
     """Parse a whole capture into one table (for captures that fit in memory; import streams)."""
     parser = TextParser(tgid=tgid, kernel=kernel)
     tables = list(iter_tables(Path(path), parser))
-    table = pa.concat_tables(tables) if tables else ARROW_SCHEMA.empty_table()
-    if len(tables) > 1:
-        table = table.sort_by([(c, "ascending") for c in SORT_COLUMNS])
+    table = sort_table(pa.concat_tables(tables)) if tables else ARROW_SCHEMA.empty_table()
     return ParsedText(table, parser.stats)
 
 
 def parse_text(text: str, tgid: int | None = None, kernel: str | None = None) -> ParsedText:
     """Parse text held in memory (tests, small captures)."""
     parser = TextParser(tgid=tgid, kernel=kernel)
-    table = parser.parse_chunk(text if text.endswith("\n") else text + "\n")
-    return ParsedText(table, parser.stats)
+    return ParsedText(parser.parse_chunk(text), parser.stats)
