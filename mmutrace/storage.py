@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -136,6 +136,8 @@ def _event_column(values: Any) -> pa.Array:
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if pa.types.is_dictionary(values.type):
+        if values.dictionary.equals(EVENT_NAMES):  # the recorder's own encoding: nothing to do
+            return values.cast(_EVENT_TYPE)
         values = values.cast(pa.string())
     codes = pc.index_in(values, value_set=EVENT_NAMES)
     if codes.null_count > values.null_count:
@@ -574,7 +576,7 @@ class TraceReader:
         """The whole file (or some columns) in memory: for small traces and tests."""
         return self._read(lambda: self._file.read(columns=columns))
 
-    def _read(self, read: Any) -> pa.Table:
+    def _read(self, read: Callable[[], pa.Table]) -> pa.Table:
         try:
             return read()
         except (pa.ArrowException, OSError) as exc:
@@ -584,11 +586,8 @@ class TraceReader:
         """Rows per event name, in catalogue order, for the events present."""
         counts: dict[str, int] = {}
         for batch in self.iter_batches(columns=["event"]):
-            events = batch.column(0)
-            names = events.dictionary.to_pylist()
-            for item in pc.value_counts(events.indices).to_pylist():
-                name = names[item["values"]]
-                counts[name] = counts.get(name, 0) + item["counts"]
+            for item in pc.value_counts(batch.column(0)).to_pylist():
+                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
         order = {e.name: i for i, e in enumerate(schema.EVENTS)}
         return dict(sorted(counts.items(), key=lambda kv: order.get(kv[0], len(order))))
 
@@ -602,8 +601,8 @@ class TraceReader:
         first = meta.row_group(0).column(ts).statistics
         last = meta.row_group(meta.num_row_groups - 1).column(ts).statistics
         if first is None or last is None or not (first.has_min_max and last.has_min_max):
-            batches = [self._file.read_row_group(g, columns=["ts_ns"]).column(0) for g in (0, self.num_row_groups - 1)]
-            return int(pc.max(batches[1]).as_py() - pc.min(batches[0]).as_py())
+            ends = [self._read(lambda: self._file.read_row_group(g, columns=["ts_ns"])) for g in (0, meta.num_row_groups - 1)]
+            return int(pc.max(ends[1].column(0)).as_py() - pc.min(ends[0].column(0)).as_py())
         return int(last.max - first.min)
 
     @property
@@ -660,7 +659,10 @@ def repair(partial_path: str | os.PathLike[str]) -> Path:
         except (pa.ArrowException, OSError, KeyError, ValueError):
             skipped.append(path.name)
     if not segments:
-        raise TraceFileError(f"{partial}: no complete segment to recover (the writer flushed nothing)")
+        if not skipped:  # the writer died before its first flush: there is nothing to keep
+            shutil.rmtree(partial)
+            raise TraceFileError(f"{final}: the writer flushed no events before it died; removed {partial}")
+        raise TraceFileError(f"{partial}: no readable segment to recover ({', '.join(skipped)} unreadable)")
     metadata = _trace_metadata(segments[-1].path, pq.read_metadata(segments[-1].path).metadata)
     metadata["complete"] = False
     metadata.setdefault("stop_reason", "killed")

@@ -141,12 +141,16 @@ def test_dict_of_numpy_columns_fills_missing_columns_with_nulls(tmp_path: Path) 
         "event": np.array(["kvm_exit", "kvm_entry", "kvm_mmu_get_page"]),
         "gfn": np.array([0, 0, 0x1234], np.uint64),
     }
-    table = storage.open_trace(write(tmp_path / "t.parquet", [batch])).read()
+    recorder_events = pa.DictionaryArray.from_arrays(pa.array([2, 1], pa.int8()), storage.EVENT_NAMES)
+    later = {name: values[:2] for name, values in batch.items()} | {"event": recorder_events, "ts_ns": np.array([40, 50], np.uint64)}
+    table = storage.open_trace(write(tmp_path / "t.parquet", [batch, later])).read()[:3]
     assert table["ts_ns"].to_pylist() == [10, 20, 30]
     assert table["event"].to_pylist() == ["kvm_entry", "kvm_mmu_get_page", "kvm_exit"]
     assert table["gfn"].to_pylist() == [0, 0x1234, 0]
     assert table["tid"].to_pylist() == [8, 9, 8]
     assert table["spte"].null_count == 3 and table["vm"].null_count == 3
+    assert storage.open_trace(tmp_path / "t.parquet").read()["event"][3:].to_pylist() == [
+        schema.EVENTS[2].name, schema.EVENTS[1].name]
 
 
 def test_batch_with_unknown_event_or_column_is_refused(tmp_path: Path) -> None:
@@ -317,6 +321,14 @@ def test_repair_skips_a_torn_segment_and_says_so(tmp_path: Path) -> None:
     trace = storage.open_trace(path)
     assert trace.num_rows == 200
     assert trace.metadata["repair"]["skipped"] == [segments[1].name]
+
+
+def test_repair_of_a_writer_that_flushed_nothing_clears_the_way(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    storage.TraceWriter(path, {}).write_batch(shadow_fault_stream(1))  # held back, never flushed
+    with pytest.raises(TraceFileError, match="flushed no events"):
+        storage.repair(path)
+    assert storage.check_output(path, force=False) == path
 
 
 def test_final_file_never_appears_before_it_is_whole(tmp_path: Path) -> None:
