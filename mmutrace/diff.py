@@ -377,8 +377,8 @@ class _Comparer:
         for vm_index in range(max(len(vms_a), len(vms_b))):
             a = vms_a[vm_index] if vm_index < len(vms_a) else VmEvents(None)
             b = vms_b[vm_index] if vm_index < len(vms_b) else VmEvents(None)
-            for name in _ordered_keys(a.lanes, b.lanes):
-                self._lane(vm_index, a.lanes.get(name) or Lane(name), b.lanes.get(name) or Lane(name))
+            for lane_a, lane_b in _pair_lanes(a.lanes, b.lanes):
+                self._lane(vm_index, lane_a, lane_b)
 
     def _lane(self, vm: int, a: Lane, b: Lane) -> None:
         r = self.result
@@ -448,6 +448,16 @@ class _Comparer:
                 for side, ds in (("a", da), ("b", db))}
 
 
+def _pair_lanes(a: dict[str, Lane], b: dict[str, Lane]) -> list[tuple[Lane, Lane]]:
+    """Lanes paired by name (vcpu N) when both runs name them alike, else by order of appearance
+    (a trace that knows vCPU ids against one that only knows threads)."""
+    if set(a) & set(b) or not (a and b):
+        return [(a.get(n) or Lane(n), b.get(n) or Lane(n)) for n in _ordered_keys(a, b)]
+    la, lb = list(a.values()), list(b.values())
+    return [(la[i] if i < len(la) else Lane(lb[i].name), lb[i] if i < len(lb) else Lane(la[i].name))
+            for i in range(max(len(la), len(lb)))]
+
+
 def _merged_order(a: list, b: list) -> list:
     """Keys of both runs in one order that respects each run's own (time) order."""
     out = []
@@ -472,20 +482,50 @@ def diff_tables(a: pa.Table, b: pa.Table, meta_a: dict[str, Any], meta_b: dict[s
                 no_ignore: Iterable[str] = ()) -> DiffResult:
     """Diff two traces given as tables in the trace schema (ordered by ts_ns, cpu, seq)."""
     ignored = resolve_ignored(ignore, no_ignore)
+    unrecorded = sorted(name for name in unrecorded_inputs(a) ^ unrecorded_inputs(b)
+                        if name.rpartition(".")[2] not in ignored and name not in ignored)
+    ignored |= set(unrecorded)
     vms_a, vms_b = collect(a, meta_a, ignored), collect(b, meta_b, ignored)
-    pairs = [(x.vm if x else None, y.vm if y else None) for x, y in _zip_longest(vms_a, vms_b)]
+    counts = [sum(v.vm is not None for v in vms) for vms in (vms_a, vms_b)]
+    vms_a, vms_b = _pair_vms(vms_a, vms_b)
+    pairs = [(x.vm, y.vm) for x, y in zip(vms_a, vms_b)]
     result = DiffResult(a_label, b_label, sorted(ignored), pairs)
+    if unrecorded:
+        result.notes.append(f"not compared, recorded on one side only: {', '.join(unrecorded)}")
     if meta_a.get("kernel_release") != meta_b.get("kernel_release"):
         result.notes.append(f"kernels differ: {meta_a.get('kernel_release')} vs {meta_b.get('kernel_release')}")
-    if len(vms_a) != len(vms_b):
-        result.notes.append(f"VM counts differ: {len(vms_a)} vs {len(vms_b)}")
+    if counts[0] != counts[1]:
+        result.notes.append(f"VM counts differ: {counts[0]} vs {counts[1]}")
     _Comparer(result, spte_flavor(meta_a)).compare(vms_a, vms_b)
     return result
 
 
-def _zip_longest(a: list, b: list) -> list[tuple]:
-    n = max(len(a), len(b))
-    return [(a[i] if i < len(a) else None, b[i] if i < len(b) else None) for i in range(n)]
+def unrecorded_inputs(table: pa.Table) -> set[str]:
+    """``event.column`` for each recorder input column a decision event of ``table`` never fills
+    (tracefs captures and imports lack the bcc recorder's inputs): not comparable with a trace that has them."""
+    names = pc.cast(table.column("event"), pa.string()) if pa.types.is_dictionary(table.column("event").type) \
+        else table.column("event")
+    out = set()
+    for kind in EVENTS:
+        if kind.role is Role.INPUT or not kind.inputs:
+            continue
+        rows = table.filter(pc.equal(names, kind.name))
+        out |= {f"{kind.name}.{c}" for c in kind.inputs
+                if rows.num_rows and c in rows.column_names and rows.column(c).null_count == rows.num_rows}
+    return out
+
+
+def _pair_vms(a: list[VmEvents], b: list[VmEvents]) -> tuple[list[VmEvents], list[VmEvents]]:
+    """Both runs' VMs, index-aligned: events of no VM with each other, the VMs by order of appearance;
+    a VM one run lacks is paired with an empty one."""
+    def split(vms: list[VmEvents]) -> tuple[VmEvents, list[VmEvents]]:
+        return next((v for v in vms if v.vm is None), VmEvents(None)), [v for v in vms if v.vm is not None]
+
+    (none_a, real_a), (none_b, real_b) = split(a), split(b)
+    n = max(len(real_a), len(real_b))
+    real_a += [VmEvents(None) for _ in range(n - len(real_a))]
+    real_b += [VmEvents(None) for _ in range(n - len(real_b))]
+    return [none_a, *real_a], [none_b, *real_b]
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,6 +534,13 @@ def _zip_longest(a: list, b: list) -> list[tuple]:
 
 #: --model values and the replay engine's ``split`` argument they mean.
 MODEL_SPLITS: dict[str, str | None] = {"kernel": None, "pre": "pre", "rfc": "rfc"}
+
+
+def model_split(model: str) -> str | None:
+    """The replay engine's ``split`` for a --model value; UsageError for an unknown one."""
+    if model not in MODEL_SPLITS:
+        raise UsageError(f"--model must be one of {', '.join(MODEL_SPLITS)}, not {model!r}")
+    return MODEL_SPLITS[model]
 
 
 def load_trace(path: Path) -> tuple[pa.Table, dict[str, Any]]:
@@ -511,12 +558,10 @@ def model_trace(path: Path, model: str, allow_lost: bool = False) -> tuple[pa.Ta
     The replay emits decisions only; the recorded inputs (walks, entries) are merged back in so
     that its decisions fall into the same faults as the recording's.
     """
-    if model not in MODEL_SPLITS:
-        raise UsageError(f"--model must be one of {', '.join(MODEL_SPLITS)}, not {model!r}")
     from replay.engine import replay_trace
 
     recorded, metadata = load_trace(path)
-    decisions = replay_trace(path, split=MODEL_SPLITS[model], allow_lost=allow_lost).model_events()
+    decisions = replay_trace(path, split=model_split(model), allow_lost=allow_lost).model_events()
     return with_inputs(decisions, recorded), metadata
 
 

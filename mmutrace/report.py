@@ -652,9 +652,9 @@ def build_report(trace: Path, output: Path, *, replay: bool = False, model: str 
     if replay:
         from replay.engine import replay_trace
 
-        from mmutrace.diff import MODEL_SPLITS
+        from mmutrace.diff import model_split
 
-        result = replay_trace(trace, split=MODEL_SPLITS[model], allow_lost=allow_lost).to_json()
+        result = replay_trace(trace, split=model_split(model), allow_lost=allow_lost).to_json()
         _replay_section(report, result, scan.t0)
     if diff_with is not None:
         from mmutrace.diff import diff_tables, load_trace

@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mmutrace.diff import DEFAULT_IGNORED, MODEL_SPLITS, DiffResult, diff_tables, format_value, load_trace, model_trace
+from mmutrace.diff import (DEFAULT_IGNORED, MODEL_SPLITS, DiffResult, diff_tables, format_value, load_trace,
+                           model_split, model_trace, resolve_ignored)
 from mmutrace.errors import UsageError
 
 EPILOG = """Examples:
@@ -105,6 +106,9 @@ def register(app: typer.Typer) -> None:
             check_output_path(html)
         if len(model) > 2:
             raise UsageError("--model at most twice")
+        resolve_ignored(ignore, no_ignore)  # bad arguments fail before any trace is read
+        for m in model:
+            model_split(m)
         (ta, ma, la), (tb, mb, lb) = _sources(a, b, model, allow_lost)
         result = diff_tables(ta, tb, ma, mb, a_label=la, b_label=lb, ignore=ignore, no_ignore=no_ignore)
         if html is not None:

@@ -7,8 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mmutrace.diff import MODEL_SPLITS
-from mmutrace.errors import UsageError
+from mmutrace.diff import MODEL_SPLITS, model_split
 
 EPILOG = """Examples:
 
@@ -32,8 +31,7 @@ def register(app: typer.Typer) -> None:
         """Write one self-contained HTML page (opens offline): run, timeline, shadow pages, replay, diff."""
         from mmutrace.report import build_report
 
-        if model not in MODEL_SPLITS:
-            raise UsageError(f"--model must be one of {', '.join(MODEL_SPLITS)}, not {model!r}")
+        model_split(model)
         data = build_report(trace, output, replay=replay, model=model, allow_lost=allow_lost, diff_with=diff)
         down = f"; downsampled: {'; '.join(data['downsampled'])}" if data["downsampled"] else ""
         typer.echo(f"{output}: {data['bytes'] / 1e6:.1f} MB, {data['events']:,} events, {data['faults']:,} faults{down}",
