@@ -4,8 +4,9 @@ The guest maps the data with 2M PDEs (PS=1) and the host backs it with transpare
 (MADV_HUGEPAGE on a 2M-aligned mapping), so a fault can install a level-2 SPTE
 (``kvm_mmu_set_spte`` level 2; ``kvm_mmu_spte_requested`` shows the level KVM aimed for).  Turning
 on dirty logging for the slot forbids huge SPTEs: KVM write-protects them, and writes then fault in
-4K SPTEs (level 1) under new direct shadow pages.  ``eager_page_split`` splits in advance only for
-the TDP MMU and nested roots, so this shadow-paging guest shows no ``kvm_mmu_split_huge_page``.
+4K SPTEs (level 1) under new direct shadow pages.  No ``kvm_mmu_split_huge_page`` is seen here
+despite ``eager_page_split``=Y (as far as the 6.12 source was read, eager splitting is a TDP-MMU
+feature that only splits nested-guest shadow pages through the rmaps; not verified on the host).
 Turning dirty logging off zaps the collapsible 4K SPTEs, so the next faults map 2M again.
 
 size = guest data MiB (a multiple of 2).  Phases: ``fault`` makes 8 seeded random accesses in every
