@@ -51,4 +51,4 @@ def run(ctx: ScenarioRun) -> None:
 SCENARIO = Scenario(
     name="unmap_refault",
     doc="host madvise(MADV_DONTNEED) of guest memory between phases: MMU-notifier zaps, then refaults",
-    default_size=1024, size_unit="pages", min_size=CHUNK_PAGES, max_size=1 << 20, body=run)
+    default_size=1024, size_unit="pages", min_size=2 * CHUNK_PAGES, max_size=1 << 20, body=run)
