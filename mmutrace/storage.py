@@ -54,6 +54,7 @@ _SORT_KEYS = [(name, "ascending") for name in schema.SORT_COLUMNS]
 _REQUIRED = tuple(f.name for f in schema.ARROW_SCHEMA if not f.nullable)
 
 _SEGMENT_GLOB = "seg-*.parquet"
+_CLOSING_NAME = "closing.json"  # the final metadata, written once every event is in a segment
 _SEGMENT_KEY = b"mmutrace.segment"  # JSON {first, last, rows, row_group_rows} of one sorted segment
 
 #: Column statistics are kept where a reader can use them to skip row groups (time and CPU ranges,
@@ -428,28 +429,24 @@ class TraceWriter:
 
     def _release(self, cutoff_ts: int | None, whole_groups_only: bool) -> None:
         """Write pending rows with ts_ns < cutoff_ts (all rows when None) as sorted segments."""
-        if not self._pending_rows:
-            return
-        if cutoff_ts is not None and whole_groups_only:
-            # Sorting the pending rows is the expensive part: count first (each chunk keeps its
-            # timestamps sorted) and sort only once a whole row group is ready.
-            ready = sum(int(np.searchsorted(ts, cutoff_ts, side="left")) for ts in self._pending_ts)
-            if ready < self._row_group_rows:
-                return
-        table = _sorted(pa.concat_tables(self._pending))
+        self._last_flush = time.monotonic()
         if cutoff_ts is None:
-            n = table.num_rows
+            ready = self._pending_rows
         else:
-            n = int(np.searchsorted(table.column("ts_ns").to_numpy(), max(cutoff_ts, 0), side="left"))
+            # Sorting the pending rows is the expensive part: count first (each chunk keeps its
+            # timestamps sorted) and sort only when something is ready.
+            ready = sum(int(np.searchsorted(ts, cutoff_ts, side="left")) for ts in self._pending_ts)
             if whole_groups_only:
-                n -= n % self._row_group_rows
-        for start in range(0, n, self._row_group_rows):
-            self._write_segment(table.slice(start, min(self._row_group_rows, n - start)))
-        rest = table.slice(n)
+                ready -= ready % self._row_group_rows
+        if not ready:
+            return
+        table = _sorted(pa.concat_tables(self._pending))
+        for start in range(0, ready, self._row_group_rows):
+            self._write_segment(table.slice(start, min(self._row_group_rows, ready - start)))
+        rest = table.slice(ready)
         self._pending = [rest] if rest.num_rows else []
         self._pending_ts = [rest.column("ts_ns").to_numpy()] if rest.num_rows else []
         self._pending_rows = rest.num_rows
-        self._last_flush = time.monotonic()
 
     def _write_segment(self, table: pa.Table) -> None:
         """One sorted row group as a complete Parquet file, renamed into place once whole."""
@@ -481,6 +478,11 @@ class TraceWriter:
         self._release(None, whole_groups_only=False)
         self._metadata.setdefault("reorder", {"window_ns": self._window_ns, "late_rows": self._late_rows})
         self._metadata["complete"] = complete
+        # Every event is in a segment now: if the merge below is interrupted (a second Ctrl-C),
+        # repair finds the final metadata here and knows nothing was lost.
+        closing = self._partial / _CLOSING_NAME
+        closing.with_suffix(".tmp").write_bytes(_metadata_bytes(self._metadata))
+        os.replace(closing.with_suffix(".tmp"), closing)
         _write_merged(self._segments, self.path, self._metadata, self._row_group_rows)
         shutil.rmtree(self._partial)
         self.bytes_written = self.path.stat().st_size
@@ -630,11 +632,12 @@ def open_trace(path: str | os.PathLike[str]) -> TraceReader:
 
 
 def repair(partial_path: str | os.PathLike[str]) -> Path:
-    """Merge what a killed writer flushed into a valid trace (``complete: false``); returns its path.
+    """Merge what a killed writer flushed into a valid trace; returns its path.
 
-    ``partial_path`` is the trace path or its ``.NAME.parquet.partial`` directory.  Segments that
-    cannot be read (the one being written when the writer died is only ever a ``.tmp``) are skipped
-    and named in the metadata's ``repair`` note.
+    ``partial_path`` is the trace path or its ``.NAME.parquet.partial`` directory.  The result is
+    ``complete: false`` unless the writer had already flushed everything and died in the merge at
+    close.  Segments that cannot be read (the one being written when the writer died is only ever a
+    ``.tmp``) are skipped and named in the metadata's ``repair`` note.
     """
     given = Path(partial_path)
     if given.is_dir():
@@ -663,15 +666,16 @@ def repair(partial_path: str | os.PathLike[str]) -> Path:
             shutil.rmtree(partial)
             raise TraceFileError(f"{final}: the writer flushed no events before it died; removed {partial}")
         raise TraceFileError(f"{partial}: no readable segment to recover ({', '.join(skipped)} unreadable)")
-    metadata = _trace_metadata(segments[-1].path, pq.read_metadata(segments[-1].path).metadata)
-    metadata["complete"] = False
-    metadata.setdefault("stop_reason", "killed")
-    metadata["repair"] = {
-        "segments": len(segments),
-        "rows": sum(s.rows for s in segments),
-        "skipped": skipped,
-        "note": "recovered the segments a killed writer had flushed; later events are lost",
-    }
+    closing = partial / _CLOSING_NAME
+    if closing.exists() and not skipped:
+        metadata = _trace_metadata(closing, {schema.METADATA_KEY: closing.read_bytes()})
+        note = "the writer died while merging at close, after flushing every event: nothing is lost"
+    else:
+        metadata = _trace_metadata(segments[-1].path, pq.read_metadata(segments[-1].path).metadata)
+        metadata["complete"] = False
+        metadata.setdefault("stop_reason", "killed")
+        note = "recovered the segments a killed writer had flushed; later events are lost"
+    metadata["repair"] = {"segments": len(segments), "rows": sum(s.rows for s in segments), "skipped": skipped, "note": note}
     _write_merged(segments, final, metadata, segments[-1].row_group_rows)
     shutil.rmtree(partial)
     return final

@@ -311,6 +311,25 @@ def test_sigkilled_writer_is_refused_then_repaired_to_its_flushed_groups(tmp_pat
     assert not storage.partial_dir(path).exists()
 
 
+def test_a_merge_interrupted_at_close_is_repaired_as_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "t.parquet"
+    stream = shadow_fault_stream(100)
+
+    def second_ctrl_c(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "_write_merged", second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        write(path, [stream], {"recorder": "test"}, row_group_rows=300)
+    monkeypatch.undo()
+    assert not path.exists()
+    storage.repair(path)
+    trace = storage.open_trace(path)
+    assert trace.read().equals(stream)
+    assert (trace.metadata["complete"], trace.metadata["repair"]["segments"]) == (True, 4)
+    assert "nothing is lost" in trace.metadata["repair"]["note"]
+
+
 def test_repair_skips_a_torn_segment_and_says_so(tmp_path: Path) -> None:
     path = tmp_path / "t.parquet"
     writer = storage.TraceWriter(path, {}, row_group_rows=100, reorder_window_ns=0, flush_interval_s=3600)

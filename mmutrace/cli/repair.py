@@ -26,4 +26,5 @@ def register(app: typer.Typer) -> None:
             print(f"{final}: already finalized; removed its leftover segments")
             return
         skipped = f", skipped unreadable {', '.join(note['skipped'])}" if note["skipped"] else ""
-        print(f"{final}: recovered {reader.num_rows:,} events from {note['segments']} segments{skipped} (complete: false)")
+        complete = "true" if reader.metadata["complete"] else "false"
+        print(f"{final}: recovered {reader.num_rows:,} events from {note['segments']} segments{skipped} (complete: {complete})")
