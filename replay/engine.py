@@ -1,0 +1,646 @@
+"""The replay engine: stream a trace through the models and give every recorded decision a verdict.
+
+Per VM one ``KvmMmu`` (common code + shadow MMU + optional TDP MMU); per vCPU thread one
+``Thread`` that collects the current guest walk and the model's pending predictions.  Inputs
+(walks and their guest PTEs, pfns, memslots, quota, sregs, host unmaps) go to the model; the
+model's decisions are matched in order against the recorded decisions of the same thread:
+
+- match / mismatch (same decision, fields differ) / missing (recorded, not predicted) /
+  extra (predicted, not recorded);
+- undecidable: the model lacks an input (named reason); the recorded outcome is then adopted into
+  the model's state so that one missing input does not turn into wrong verdicts later.
+
+On this PVM host ``kvm_page_fault``/``kvm_entry``/``kvm_exit`` never fire: a shadow fault starts at
+``kvm_mmu_pagetable_walk`` and its locked section follows on the same thread.  Emulator walks
+(gva_to_gpa) look the same and never reach the locked section, so a walk becomes a fault when its
+thread's next shadow-MMU decision arrives before the next walk or exit (docs/replay.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mmutrace import schema
+from mmutrace.errors import MmutraceError, TraceFileError
+from replay.decisions import COMPARED, DECISION_EVENTS, IDENTITY, KIND, Decision, Tracepoints
+from replay.mmu import FaultIn, FaultInResult, KvmArch, KvmMmu, KvmPageFault, VcpuMmu
+from replay.paging_tmpl import PTTYPE_64, GuestWalker, walk_addr_generic
+from replay.shadow_mmu import (R_PARAMS, R_PREFETCH, R_QUOTA, UNKNOWN_SPTE, ShadowMmu, ShadowPage)
+from replay.versions import Split, VersionRules, rules_for_release
+
+VERDICTS = ("matched", "mismatched", "missing", "extra", "undecidable")
+
+R_ROOT = "root load: guest CR0/CR3/CR4/EFER untraced"
+R_RELOAD = "root reload for an untraced reason (KVM_SET_SREGS untraced)"
+R_TEARDOWN = "VM teardown (kvm_arch_flush_shadow_all) untraced"
+R_ZAP_ALL_FAST = "memslot change untraced (cause of kvm_mmu_zap_all_fast)"
+R_EMULATION = "emulated write to a shadowed guest page table: instruction and bytes untraced"
+R_STALE = "mmu_notifier invalidation during the fault: memslot hva layout untraced"
+R_LOST = "events lost on this CPU"
+R_UNEXPLAINED = "shadow-MMU decision outside any traced cause"
+R_TDP = "TDP MMU decision: no TDP MMU model installed"
+
+#: Events that end a vCPU thread's current episode (the guest ran again or exited to userspace).
+BOUNDARY_EVENTS = frozenset({"kvm_entry", "kvm_exit", "kvm_pio", "kvm_mmio", "kvm_userspace_exit",
+                             "ioctl_ret", "kvm_page_fault"})
+#: Decisions made under mmu_lock in the fault path or by ioctl/notifier work.
+LOCKED_EVENTS = frozenset({"kvm_mmu_get_page", "kvm_mmu_prepare_zap_page", "kvm_mmu_unsync_page",
+                           "kvm_mmu_sync_page", "kvm_mmu_spte_requested", "kvm_mmu_set_spte",
+                           "kvm_mmu_zap_all_fast", "kvm_mmu_split_huge_page"})
+WALK_DECISIONS = frozenset({"kvm_mmu_set_accessed_bit", "kvm_mmu_set_dirty_bit", "kvm_mmu_walker_error"})
+
+#: Which decision kinds each non-upstream kvm parameter can change, when not at its default.
+PARAM_EFFECTS: dict[str, frozenset[str]] = {
+    "eager_zap_unsync_children": frozenset({"kvm_mmu_prepare_zap_page", "kvm_mmu_sync_page"}),
+    "flush_on_reuse": frozenset({"kvm_mmu_sync_page", "kvm_mmu_get_page"}),
+    "kick_only_root_holders": frozenset({"kvm_mmu_get_page", "kvm_mmu_prepare_zap_page"}),
+    "parent_ptes_recycle_threshold": frozenset({"kvm_mmu_set_spte", "kvm_mmu_prepare_zap_page"}),
+}
+
+#: Columns the engine reads (the rest of the schema is never loaded).
+READ_COLUMNS = ["ts_ns", "cpu", "tid", "vm", "vcpu", "event", "gfn", "level", "role", "root_count",
+                "mmu_valid_gen", "unsync", "created", "spte", "sptep", "pfn", "addr", "end", "error_code",
+                "mmu_used", "mmu_max", "map_writable", "req_level", "count", "slot_id", "slot_base_gfn",
+                "slot_npages", "slot_hva", "slot_flags", "cr0", "cr3", "cr4", "efer", "ret", "old_spte",
+                "new_spte", "as_id", "access", "gen"]
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayResult:
+    """Verdict counters, divergences and the model's own decision stream of one replay."""
+
+    kernel_release: str | None
+    rules: VersionRules
+    split: Split
+    counters: Counter = field(default_factory=Counter)
+    by_kind: dict[str, Counter] = field(default_factory=dict)
+    divergences: list[dict[str, Any]] = field(default_factory=list)
+    divergences_total: int = 0
+    undecidable_reasons: Counter = field(default_factory=Counter)
+    adopted: int = 0
+    events: int = 0
+    max_divergences: int | None = None
+    _model_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def count(self, kind: str, verdict: str) -> None:
+        self.counters[verdict] += 1
+        self.counters["decisions"] += 1
+        per = self.by_kind.setdefault(kind, Counter())
+        per[verdict] += 1
+        per["decisions"] += 1
+
+    @property
+    def diverged(self) -> bool:
+        return bool(self.counters["mismatched"] or self.counters["missing"] or self.counters["extra"])
+
+    def to_json(self) -> dict[str, Any]:
+        """The one JSON object of ``mmutrace replay --json`` (docs/replay.md)."""
+        keys = ("decisions",) + VERDICTS
+        return {
+            **{k: int(self.counters[k]) for k in keys},
+            "by_kind": {kind: {k: int(c[k]) for k in keys} for kind, c in sorted(self.by_kind.items())},
+            "divergences": self.divergences,
+            "divergences_total": self.divergences_total,
+            "undecidable_reasons": dict(self.undecidable_reasons.most_common()),
+            "adopted": self.adopted,
+            "events": self.events,
+            "split": self.split.value,
+            "kernel_release": self.kernel_release,
+            "version_rules": self.rules.name,
+        }
+
+    def model_events(self) -> pa.Table:
+        """The model's decisions as a trace (what the kernel would have recorded were it the model)."""
+        columns: dict[str, list[Any]] = {f.name: [] for f in schema.ARROW_SCHEMA}
+        for seq, row in enumerate(self._model_rows):
+            for name in columns:
+                columns[name].append(row.get(name))
+            columns["seq"][-1] = seq
+        arrays = [pa.array(columns[f.name], type=f.type) if f.name != "event"
+                  else pa.array(columns["event"], pa.string()).dictionary_encode().cast(f.type)
+                  for f in schema.ARROW_SCHEMA]
+        return pa.Table.from_arrays(arrays, schema=schema.ARROW_SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def open_for_replay(path: str | Path) -> tuple[dict[str, Any], Callable[[], Iterator[pa.RecordBatch]]]:
+    """The trace's metadata and a batch iterator over the columns replay reads (row group by group)."""
+    from mmutrace.storage import open_trace
+
+    reader = open_trace(path)
+    present = [c for c in READ_COLUMNS if c in reader.schema.names]
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        yield from reader.iter_batches(columns=present)
+
+    return reader.metadata, batches
+
+
+def _column(batch: pa.RecordBatch, name: str) -> list[Any]:
+    if name not in batch.schema.names:
+        return [None] * batch.num_rows
+    return batch.column(name).to_pylist()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-thread and per-VM state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Walk:
+    """A kvm_mmu_pagetable_walk and the guest PTEs read after it."""
+
+    ts: int
+    addr: int
+    access: int
+    ptes: list[int] = field(default_factory=list)
+    walker: GuestWalker | None = None
+
+
+@dataclass
+class Thread:
+    """A thread's episode in progress: its walk, its fault, the model's pending predictions."""
+
+    tid: int
+    vcpu: VcpuMmu | None = None
+    walk: Walk | None = None
+    fault: Any = None  # the suspended fault generator
+    fault_waiting: FaultIn | None = None
+    fault_started: bool = False
+    fault_reason: str | None = None  # every prediction of this fault is undecidable for this reason
+    pending: deque = field(default_factory=deque)
+    context: str | None = None  # why unexplained decisions on this thread are undecidable
+    prefetch_sp: ShadowPage | None = None
+    last_ts: int = 0
+
+
+class VmReplay:
+    """One VM: its model and threads; consumes rows in trace order."""
+
+    def __init__(self, vm: int, rules: VersionRules, split: Split, meta: dict[str, Any], result: ReplayResult,
+                 shadow_factory: Callable[[KvmArch, dict[int, VcpuMmu]], ShadowMmu], lost_cpus: set[int],
+                 role_mask: int) -> None:
+        self.vm = vm
+        self.result = result
+        self.rules = rules
+        self.tp = Tracepoints()
+        self.arch = KvmArch(rules=rules, tp=self.tp, kvm_params=dict(meta.get("kvm_params") or {}))
+        self.arch.nx_huge_pages = str(self.arch.kvm_params.get("nx_huge_pages", "N")).upper().startswith("Y")
+        self.arch.zero_pfn = meta.get("zero_pfn")
+        self.mmu = KvmMmu(self.arch, None, None, split, bool(meta.get("tdp_mmu")))  # type: ignore[arg-type]
+        self.shadow = shadow_factory(self.arch, self.mmu.vcpus)
+        self.mmu.shadow = self.shadow
+        self.threads: dict[int, Thread] = {}
+        self.lost_cpus = lost_cpus
+        self.role_mask = role_mask
+        self.unmaps: deque[tuple[int, bool | None]] = deque(maxlen=64)
+        params = self.arch.non_default_params()
+        self.param_kinds = frozenset().union(*(PARAM_EFFECTS.get(p, frozenset()) for p in params))
+        self.vcpu_ids: dict[int, int] = {}
+
+    # ---- threads and vCPUs
+
+    def thread(self, tid: int) -> Thread:
+        t = self.threads.get(tid)
+        if t is None:
+            t = self.threads[tid] = Thread(tid)
+        return t
+
+    def vcpu_of(self, t: Thread, vcpu_id: int | None) -> VcpuMmu:
+        """The vCPU a thread runs: its vcpu id when the trace has it, else the thread id."""
+        if t.vcpu is None:
+            t.vcpu = self.mmu.vcpu(vcpu_id if vcpu_id is not None else t.tid)
+        return t.vcpu
+
+    # ---- the row dispatcher
+
+    def handle(self, ev: str, row: dict[str, Any]) -> None:
+        t = self.thread(row["tid"])
+        t.last_ts = row["ts_ns"]
+        if ev == "kvm_mmu_paging_element":
+            if t.walk is not None:
+                t.walk.ptes.append(row["spte"])
+            return
+        if ev == "kvm_mmu_pagetable_walk":
+            self.end_episode(t, row)
+            self.vcpu_of(t, row.get("vcpu"))
+            t.walk = Walk(row["ts_ns"], row["addr"], row["error_code"])
+            return
+        if t.walk is not None and t.walk.walker is None:
+            self.complete_walk(t, row)
+        if ev in WALK_DECISIONS:
+            self.judge(t, ev, row)
+        elif ev in LOCKED_EVENTS:
+            self.locked_decision(t, ev, row)
+        elif ev == "kvm_unmap_hva_range":
+            self.unmap(row)
+        elif ev == "kvm_tdp_mmu_spte_changed" or ev in DECISION_EVENTS:
+            self.judge(t, ev, row)
+        elif ev.startswith("ioctl_"):
+            self.ioctl(t, ev, row)
+        elif ev in BOUNDARY_EVENTS:
+            self.end_episode(t, row)
+
+    # ---- walks and faults
+
+    def complete_walk(self, t: Thread, row: dict[str, Any]) -> None:
+        """The walk's PTEs are all in: predict its A/D writes or its error (FNAME(walk_addr_generic))."""
+        walk = t.walk
+        vcpu = self.vcpu_of(t, row.get("vcpu"))
+        root_gfn = vcpu.root_gfn if vcpu.root_gfn is not None else (vcpu.root.gfn if vcpu.root else 0)
+        walk.walker = w = walk_addr_generic(PTTYPE_64, vcpu.cpu_role, root_gfn, walk.addr, walk.access, walk.ptes)
+        reason = "guest walk incomplete in the trace" if w.truncated else (
+            None if vcpu.root is not None or vcpu.root_gfn is not None else R_ROOT)
+        for event, gpa in w.ad_writes:
+            t.pending.append(Decision(event, {"addr": gpa}, "FNAME(update_accessed_dirty_bits)", reason))
+        if w.fault_error_code is not None:
+            t.pending.append(Decision("kvm_mmu_walker_error", {"error_code": w.fault_error_code},
+                                      "FNAME(walk_addr_generic)", reason))
+
+    def start_fault(self, t: Thread, row: dict[str, Any]) -> None:
+        """The walk was a fault's: run kvm_mmu_page_fault up to its first wait for inputs."""
+        walk, vcpu = t.walk, t.vcpu
+        t.fault_started = True
+        w = walk.walker
+        if w is None or w.fault_error_code is not None or w.truncated or vcpu is None or vcpu.root is None:
+            t.context = R_ROOT if vcpu is None or vcpu.root is None else "guest walk failed or incomplete"
+            return
+        fault = KvmPageFault(addr=walk.addr, error_code=walk.access, walker=w)
+        stale = self.stale_since(walk.ts)
+        if stale is None:
+            t.fault_reason = R_STALE
+        fault.stale = bool(stale)
+        self.correct_from_error_code(vcpu, fault)
+        t.fault = self._prime(self.mmu.kvm_mmu_page_fault(vcpu, fault), t)
+
+    def _prime(self, gen: Any, t: Thread, value: Any = None) -> Any:
+        """Advance a fault generator to its next wait (or its end), queueing what it decided."""
+        try:
+            request = gen.send(value)
+        except StopIteration as stop:
+            self.fault_done(t, stop.value)
+            self.take_predictions(t)
+            return None
+        t.fault_waiting = request
+        self.take_predictions(t)
+        return gen
+
+    def fault_done(self, t: Thread, ret: Any) -> None:
+        t.fault_waiting = None
+        if ret == "write_protected":
+            t.context = R_EMULATION
+        if self.shadow.pte_prefetch_window is not None:
+            t.prefetch_sp = self.shadow.pte_prefetch_window
+            self.shadow.pte_prefetch_window = None
+
+    def take_predictions(self, t: Thread) -> None:
+        for d in self.tp.drain():
+            if t.fault_reason and not d.undecidable:
+                d.undecidable = t.fault_reason
+            t.pending.append(d)
+
+    def correct_from_error_code(self, vcpu: VcpuMmu, fault: KvmPageFault) -> None:
+        """The hardware said "not present": a leaf the model holds was zapped by an untraced path."""
+        if fault.present:
+            return
+        sp = vcpu.root
+        level = self.arch.rules.role_layout.get(sp.role, "level")
+        while sp is not None and level > 1:
+            index = (fault.addr >> (12 + 9 * (level - 1))) & 511
+            child = sp.children.get(index)
+            if child is None:
+                if index in sp.sptes:
+                    sp.sptes.pop(index)
+                    self.result.adopted += 1
+                return
+            sp, level = child, level - 1
+        index = (fault.addr >> 12) & 511
+        if sp is not None and index in sp.sptes:
+            spte = sp.sptes.pop(index)
+            if spte != UNKNOWN_SPTE:
+                self.result.adopted += 1
+            self.shadow.drop_spte(sp, index)
+
+    def stale_since(self, ts: int) -> bool | None:
+        """Did a memslot-hitting invalidation happen since ``ts``?  None when that is unknowable."""
+        hits = [hit for uts, hit in self.unmaps if uts >= ts]
+        if not hits:
+            return False
+        if any(h is True for h in hits):
+            return True
+        return None if any(h is None for h in hits) else False
+
+    def locked_decision(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
+        if not t.pending and t.fault is None and not t.fault_started and t.walk is not None \
+                and t.walk.walker is not None and t.context is None:
+            self.start_fault(t, row)
+        if ev == "kvm_mmu_spte_requested" and t.fault is not None and t.fault_waiting is not None:
+            # Everything the model decided before kvm_mmu_faultin_pfn's results were needed and
+            # the kernel did not record is extra; then feed the inputs.
+            self.flush_pending(t, row, before="kvm_mmu_spte_requested")
+            inputs = FaultInResult(pfn=row["pfn"], map_writable=row.get("map_writable"),
+                                   req_level=row.get("req_level"), recorded_level=row["level"])
+            t.fault = self._prime(t.fault, t, inputs)
+        if not t.pending and t.vcpu is not None and t.vcpu.needs_load and t.fault is None:
+            self.mmu.kvm_mmu_reload(t.vcpu)
+            self.take_predictions(t)
+        self.judge(t, ev, row)
+
+    def flush_pending(self, t: Thread, row: dict[str, Any], before: str) -> None:
+        """Predictions queued ahead of the recorded ``before`` event that never came: extra."""
+        while t.pending and t.pending[0].event != before:
+            self.verdict_extra(t, t.pending.popleft(), row)
+
+    def end_episode(self, t: Thread, row: dict[str, Any]) -> None:
+        """The thread's episode is over: what the model still expects did not happen."""
+        if t.fault is not None and t.fault_waiting is not None and not t.fault_reason and t.context is None:
+            self.result.count("spte_requested", "extra")
+            self.divergence("extra", "kvm_mmu_spte_requested", {"gfn": t.fault_waiting.gfn}, None, row, t,
+                            "FNAME(fetch)")
+        while t.pending:
+            self.verdict_extra(t, t.pending.popleft(), row)
+        t.walk = None
+        t.fault = t.fault_waiting = None
+        t.fault_started = False
+        t.fault_reason = None
+        t.context = None
+        t.prefetch_sp = None
+
+    # ---- host and ioctl inputs
+
+    def unmap(self, row: dict[str, Any]) -> None:
+        """kvm_unmap_hva_range: notifier leaf zaps; whether it hit a memslot decides stale faults."""
+        if self.arch.memslots_known:
+            hit = self.mmu.kvm_mmu_notifier_invalidate_range_start(row["addr"], row["end"])
+        else:
+            hit = None
+        self.unmaps.append((row["ts_ns"], hit))
+
+    def ioctl(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
+        self.end_episode(t, row)
+        if ev == "ioctl_set_user_memory_region":
+            self.mmu.kvm_set_memory_region(row["slot_id"], row["slot_base_gfn"], row["slot_npages"],
+                                           row["slot_hva"], row["slot_flags"] or 0)
+        elif ev == "ioctl_set_nr_mmu_pages":
+            self.mmu.kvm_vm_ioctl_set_nr_mmu_pages(row["count"])
+        self.take_predictions(t)
+
+    # ---- judging
+
+    def judge(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
+        kind = KIND[ev]
+        if self.lost_cpus and row["cpu"] in self.lost_cpus:
+            self.undecided(t, ev, row, R_LOST)
+            return
+        if ev in self.param_kinds:
+            self.undecided(t, ev, row, R_PARAMS)
+            return
+        idx = self.find_prediction(t, ev, row)
+        if idx is None:
+            self.unexplained(t, ev, row)
+            return
+        for _ in range(idx):
+            self.verdict_extra(t, t.pending.popleft(), row)
+        d = t.pending.popleft()
+        self.record_model(d, row)
+        if d.undecidable:
+            self.undecided(t, ev, row, d.undecidable)
+            return
+        diff = self.compare(d, row)
+        if ev == "kvm_mmu_set_spte" and isinstance(d.subject, tuple) and "sptep_offset" not in diff:
+            self.shadow.learn_spt_page(d.subject[0], row["sptep"])
+        if diff:
+            self.result.count(kind, "mismatched")
+            self.divergence("mismatch", ev, {k: d.values.get(k) for k in diff},
+                            {k: self.recorded_value(k, row) for k in diff}, row, t, d.twin, d)
+        else:
+            self.result.count(kind, "matched")
+
+    def find_prediction(self, t: Thread, ev: str, row: dict[str, Any]) -> int | None:
+        """The pending prediction this recorded event answers: same decision (identity) first,
+        else the first of the same kind."""
+        first_kind = None
+        ident = tuple(self.recorded_value(c, row) for c in IDENTITY[ev])
+        for i, d in enumerate(t.pending):
+            if d.event != ev:
+                continue
+            if first_kind is None:
+                first_kind = i
+            if self.identity(d) == ident:
+                return i
+        return first_kind
+
+    def identity(self, d: Decision) -> tuple:
+        return tuple(self.masked(c, d.values.get(c)) for c in IDENTITY[d.event])
+
+    def masked(self, column: str, value: Any) -> Any:
+        if column == "role" and value is not None:
+            return value & self.role_mask
+        return value
+
+    def recorded_value(self, column: str, row: dict[str, Any]) -> Any:
+        if column == "sptep_offset":
+            return None if row.get("sptep") is None else row["sptep"] & 0xFFF
+        return self.masked(column, row.get(column))
+
+    def compare(self, d: Decision, row: dict[str, Any]) -> list[str]:
+        diff = []
+        for column in COMPARED[d.event]:
+            recorded = self.recorded_value(column, row)
+            if recorded is None:
+                continue  # not in this trace (e.g. imported text without the field)
+            if self.masked(column, d.values.get(column)) != recorded:
+                diff.append(column)
+        return diff
+
+    def unexplained(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
+        """A recorded decision with no prediction: undecidable when the thread's context or the
+        event's own shape names a missing input; missing otherwise."""
+        reason = self.explain(t, ev, row)
+        if reason is not None:
+            self.undecided(t, ev, row, reason)
+            self.after_adopt(t, ev, row, reason)
+            return
+        self.result.count(KIND[ev], "missing")
+        self.divergence("missing", ev, None, {c: self.recorded_value(c, row) for c in COMPARED[ev]}, row, t, None)
+
+    def explain(self, t: Thread, ev: str, row: dict[str, Any]) -> str | None:
+        """Why this recorded decision could not be predicted, or None if the model should have."""
+        if ev == "kvm_tdp_mmu_spte_changed":
+            return R_TDP
+        if ev == "kvm_mmu_set_spte" and t.prefetch_sp is not None:
+            sp = t.prefetch_sp
+            if sp.spt_page is None or sp.spt_page == row["sptep"] & ~0xFFF:
+                return R_PREFETCH
+        if t.context is not None:
+            return t.context
+        if t.fault_reason is not None:
+            return t.fault_reason
+        vcpu = t.vcpu
+        level = self.rules.role_layout.get(row["role"], "level") if row.get("role") is not None else None
+        if ev == "kvm_mmu_get_page" and t.walk is None:
+            if vcpu is None:
+                vcpu = self.vcpu_of(t, row.get("vcpu"))
+            if level == vcpu.cpu_role.root_level:
+                return R_ROOT if vcpu.root is None else R_RELOAD
+        if ev == "kvm_mmu_zap_all_fast":
+            return R_ZAP_ALL_FAST
+        if ev == "kvm_mmu_prepare_zap_page" and (t.walk is None or t.walk.walker is None or not t.fault_started):
+            sp = self.shadow.find_sp(row["gfn"], row["role"], self.role_mask)
+            if sp is not None and sp.invalid and sp.root_count <= 1:
+                return R_RELOAD
+            return R_TEARDOWN
+        if ev == "kvm_mmu_prepare_zap_page" and self.arch.n_max_mmu_pages is None:
+            return R_QUOTA
+        return None
+
+    def after_adopt(self, t: Thread, ev: str, row: dict[str, Any], reason: str) -> None:
+        """Continue the model where an inferred cause leads: a root load syncs roots; a teardown
+        zaps everything that is left; a fast zap zaps the obsolete pages."""
+        if reason in (R_ROOT, R_RELOAD) and ev == "kvm_mmu_get_page" and t.vcpu is not None:
+            self.shadow.kvm_mmu_sync_roots(t.vcpu)
+        elif reason == R_TEARDOWN:
+            self.mmu.kvm_mmu_zap_all()
+        elif reason == R_ZAP_ALL_FAST:
+            self.arch.mmu_valid_gen ^= 1
+            for vcpu in self.mmu.vcpus.values():
+                vcpu.needs_load = True
+            self.shadow.kvm_zap_obsolete_pages()
+        else:
+            return
+        self.take_predictions(t)
+
+    def undecided(self, t: Thread, ev: str, row: dict[str, Any], reason: str) -> None:
+        self.result.count(KIND[ev], "undecidable")
+        self.result.undecidable_reasons[reason] += 1
+        self.result.adopted += 1
+        self.shadow.adopt(ev, row, t.vcpu, self.role_mask)
+        self.tp.drain()
+
+    def verdict_extra(self, t: Thread, d: Decision, row: dict[str, Any]) -> None:
+        if d.undecidable:
+            return  # the kernel need not have made an undecidable decision: nothing to judge
+        self.result.count(d.kind, "extra")
+        self.record_model(d, row)
+        self.divergence("extra", d.event, dict(d.values), None, row, t, d.twin, d)
+
+    # ---- output
+
+    def record_model(self, d: Decision, row: dict[str, Any]) -> None:
+        values = {k: v for k, v in d.values.items() if k != "sptep_offset"}
+        self.result._model_rows.append({"ts_ns": row["ts_ns"], "cpu": row["cpu"], "pid": 0, "tid": row["tid"],
+                                        "vm": self.vm, "vcpu": row.get("vcpu"), "event": d.event, **values})
+
+    def divergence(self, verdict: str, ev: str, expected: Any, actual: Any, row: dict[str, Any], t: Thread,
+                   twin: str | None, d: Decision | None = None) -> None:
+        self.result.divergences_total += 1
+        limit = self.result.max_divergences
+        if limit is not None and len(self.result.divergences) >= limit:
+            return
+        context: dict[str, Any] = {"vm": self.vm, "tid": t.tid, "twin": twin}
+        if t.walk is not None:
+            context["fault"] = {"addr": hex(t.walk.addr), "error_code": hex(t.walk.access)}
+            context["guest_walk"] = [hex(p) for p in t.walk.ptes]
+        subject = d.subject if d is not None else None
+        if isinstance(subject, tuple):
+            subject = subject[0]
+        if subject is None and row.get("role") is not None and row.get("gfn") is not None:
+            subject = self.shadow.find_sp(row["gfn"], row["role"], self.role_mask)
+        if isinstance(subject, ShadowPage):
+            context["model_page"] = self.shadow.describe(subject)
+        self.result.divergences.append({
+            "ts_ns": row["ts_ns"], "verdict": verdict, "kind": KIND[ev], "event": ev,
+            "expected": _jsonable(expected), "actual": _jsonable(actual), "context": context})
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def role_known_mask(meta: dict[str, Any], rules: VersionRules) -> int:
+    """Bits of the role word the trace really carries (imported text lacks the hidden ones)."""
+    if "role_known_mask" in meta:
+        return int(meta["role_known_mask"])
+    if meta.get("recorder") in ("tracefs", "import"):
+        layout = rules.role_layout
+        mask = 0
+        for name in ("level", "has_4_byte_gpte", "quadrant", "direct", "access", "invalid", "efer_nx", "ad_disabled"):
+            shift, width = layout.fields[name]
+            mask |= ((1 << width) - 1) << shift
+        return mask
+    return 0xFFFFFFFF
+
+
+def replay_trace(path: str | Path, split: str | Split | None = None, allow_lost: bool = False,
+                 assume_version: str | None = None, max_divergences: int | None = None,
+                 shadow_factory: Callable[[KvmArch, dict[int, VcpuMmu]], ShadowMmu] = ShadowMmu) -> ReplayResult:
+    """Replay one trace file through the models; see ReplayResult and docs/replay.md."""
+    meta, batches = open_for_replay(path)
+    rules = rules_for_release(meta.get("kernel_release"), assume_version)
+    chosen = rules.split if split is None else Split(split)
+    lost = {int(cpu): int(n) for cpu, n in (meta.get("lost") or {}).items() if int(n)}
+    if lost and not allow_lost:
+        raise TraceFileError(f"{path}: the recording lost {sum(lost.values())} events "
+                             f"(CPUs {', '.join(map(str, sorted(lost)))}); pass --allow-lost to replay anyway "
+                             f"(their decisions become undecidable)")
+    result = ReplayResult(meta.get("kernel_release"), rules, chosen, max_divergences=max_divergences)
+    mask = role_known_mask(meta, rules)
+    vms: dict[int, VmReplay] = {}
+    for batch in batches():
+        result.events += batch.num_rows
+        _replay_batch(batch, vms, result, rules, chosen, meta, shadow_factory, set(lost), mask)
+    for vm in vms.values():
+        for t in vm.threads.values():
+            vm.end_episode(t, {"ts_ns": t.last_ts, "cpu": 0, "tid": t.tid})
+    return result
+
+
+_SKIP_EVENTS = np.array(sorted({e.name for e in schema.EVENTS} - {
+    "kvm_mmu_paging_element", "kvm_mmu_pagetable_walk", "kvm_unmap_hva_range"} - DECISION_EVENTS
+    - BOUNDARY_EVENTS - {e.name for e in schema.EVENTS if e.group == "ioctl"}))
+
+
+def _replay_batch(batch: pa.RecordBatch, vms: dict[int, VmReplay], result: ReplayResult, rules: VersionRules,
+                  split: Split, meta: dict[str, Any], shadow_factory: Callable, lost: set[int], mask: int) -> None:
+    names = batch.schema.names
+    cols = {name: _column(batch, name) for name in names}
+    events = cols["event"]
+    keep = ~np.isin(np.asarray(events, dtype=object), _SKIP_EVENTS)
+    for i in np.flatnonzero(keep):
+        row = {name: cols[name][i] for name in names}
+        vm_id = row["vm"] if row["vm"] is not None else row["tid"]
+        vm = vms.get(vm_id)
+        if vm is None:
+            vm = vms[vm_id] = VmReplay(vm_id, rules, split, meta, result, shadow_factory, lost, mask)
+        vm.handle(events[i], row)
+
+
+def dumps(result: ReplayResult) -> str:
+    return json.dumps(result.to_json(), indent=None, sort_keys=False)

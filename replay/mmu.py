@@ -1,0 +1,322 @@
+"""The common MMU (mmu.c after the RFC's split): fault entry, dispatch, memslots, quota, zap entry points.
+
+``KvmMmu`` is one VM's ``struct kvm_arch`` MMU state plus the functions of mmu.c that stay common
+after "KVM: x86/MMU: Formalize the Shadow MMU".  It reaches the two MMUs only through
+``ShadowMmuApi`` (shadow_mmu_api.py) and ``TdpMmuApi`` (tdp_mmu_api.py), and chooses between them in
+one visible place, ``kvm_mmu_do_page_fault``, like ``kvm_tdp_page_fault`` does.  The RFC's patch 9
+is ``Split``: before it, every direct (TDP) fault also called ``make_mmu_pages_available``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmutrace.errors import MmutraceError
+from replay.decisions import Decision, Tracepoints
+from replay.paging_tmpl import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK,
+                                PFERR_WRITE_MASK, CpuRole, GuestWalker)
+from replay.shadow_mmu_api import ShadowMmuApi
+from replay.tdp_mmu_api import TdpMmuApi
+from replay.versions import Split, VersionRules
+
+KVM_MIN_ALLOC_MMU_PAGES = 64
+KVM_MEMSLOT_PAGES_TO_MMU_PAGES_RATIO = 50
+KVM_MIN_FREE_MMU_PAGES = 5
+KVM_REFILL_PAGES = 25
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+
+#: Upstream defaults of the kvm module parameters this host adds; any other value makes the
+#: decisions it could change undecidable (docs/undecidable.md).
+NON_UPSTREAM_PARAM_DEFAULTS: dict[str, str] = {
+    "eager_zap_unsync_children": "N",
+    "flush_on_reuse": "N",
+    "kick_only_root_holders": "N",
+    "parent_ptes_recycle_threshold": "1000",
+    "mmu_lock_park_kernel": "N",
+    "mmu_lock_spinners": "0",
+    "mmu_lock_poll_us": "0",
+}
+
+
+@dataclass
+class Memslot:
+    """struct kvm_memory_slot as KVM_SET_USER_MEMORY_REGION left it."""
+
+    id: int
+    base_gfn: int
+    npages: int
+    userspace_addr: int
+    flags: int
+
+    def hva_to_gfn_range(self, start: int, end: int) -> tuple[int, int] | None:
+        """The gfns [first, last) whose hva overlaps [start, end), or None (kvm_handle_hva_range)."""
+        lo = max(start, self.userspace_addr)
+        hi = min(end, self.userspace_addr + (self.npages << 12))
+        if lo >= hi:
+            return None
+        return self.base_gfn + ((lo - self.userspace_addr) >> 12), self.base_gfn + ((hi - 1 - self.userspace_addr) >> 12) + 1
+
+
+@dataclass
+class KvmPageFault:
+    """struct kvm_page_fault: arguments, fields derived from error_code, and outputs, kept apart."""
+
+    # arguments
+    addr: int
+    error_code: int
+    prefetch: bool = False
+    is_tdp: bool = False
+    # outputs of the walk / kvm_mmu_faultin_pfn / kvm_mmu_hugepage_adjust
+    gfn: int = 0
+    max_level: int = 3
+    req_level: int = 1
+    goal_level: int = 1
+    pfn: int | None = None
+    map_writable: bool | None = None
+    slot: Memslot | None = None
+    huge_page_disallowed: bool = False
+    write_fault_to_shadow_pgtable: bool = False
+    #: is_page_fault_stale(): an mmu_notifier invalidation hit a memslot after the fault began.
+    stale: bool = False
+    #: The guest walk FNAME(page_fault) did (the engine judges its A/D writes as it completes).
+    walker: GuestWalker | None = None
+    #: Inputs the trace did not carry, by name -> why: decisions depending on them are undecidable.
+    unknown: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def write(self) -> bool:
+        return bool(self.error_code & PFERR_WRITE_MASK)
+
+    @property
+    def present(self) -> bool:
+        return bool(self.error_code & PFERR_PRESENT_MASK)
+
+    @property
+    def user(self) -> bool:
+        return bool(self.error_code & PFERR_USER_MASK)
+
+    @property
+    def exec(self) -> bool:
+        return bool(self.error_code & PFERR_FETCH_MASK)
+
+    @property
+    def rsvd(self) -> bool:
+        return bool(self.error_code & PFERR_RSVD_MASK)
+
+
+@dataclass(frozen=True)
+class FaultIn:
+    """Where a fault waits for kvm_mmu_faultin_pfn's results (traced with kvm_mmu_spte_requested)."""
+
+    gfn: int
+
+
+@dataclass(frozen=True)
+class FaultInResult:
+    """The inputs kvm_mmu_spte_requested carries: pfn always; the rest only from the recorder."""
+
+    pfn: int
+    map_writable: bool | None
+    #: The host-side cap on the mapping level (recorder's req_level), None when untraced.
+    req_level: int | None
+    #: The level the kernel chose, used only to adopt it when the model cannot decide.
+    recorded_level: int
+
+
+@dataclass
+class VcpuMmu:
+    """A vCPU's ``struct kvm_mmu`` (root_mmu): roots, root role, and the guest paging state it walks with."""
+
+    id: int
+    root: Any = None  # a ShadowPage (shadow MMU) or the TDP model's root
+    #: Root role word, when known (from KVM_SET_SREGS, or adopted from the first root the kernel made).
+    root_role: int | None = None
+    cpu_role: CpuRole = field(default_factory=CpuRole)
+    #: CR3's gfn, when known: the root table of guest walks.
+    root_gfn: int | None = None
+    #: prev_roots: cached (pgd gfn, root) pairs for fast_pgd_switch, most recent first.
+    prev_roots: list[tuple[int, Any]] = field(default_factory=list)
+    #: KVM_REQ_MMU_FREE_OBSOLETE_ROOTS / unloaded root: the next run reloads.
+    needs_load: bool = True
+
+
+@dataclass
+class KvmArch:
+    """The MMU fields of ``struct kvm_arch`` both MMUs read."""
+
+    rules: VersionRules
+    tp: Tracepoints
+    n_used_mmu_pages: int = 0
+    #: None while the quota is unknown (no memslot / KVM_SET_NR_MMU_PAGES input in the trace).
+    n_max_mmu_pages: int | None = None
+    n_requested_mmu_pages: int = 0
+    mmu_valid_gen: int = 0
+    memslots: dict[int, Memslot] = field(default_factory=dict)
+    #: False when the trace carries no memslot layout (imported tracefs text).
+    memslots_known: bool = False
+    kvm_params: dict[str, str] = field(default_factory=dict)
+    nx_huge_pages: bool = False
+    #: pfn of the host's shared zero page (trace metadata ``zero_pfn``), None when not recorded.
+    zero_pfn: int | None = None
+
+    def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        for slot in self.memslots.values():
+            if slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+                return slot
+        return None
+
+    def non_default_params(self) -> dict[str, str]:
+        """Non-upstream kvm parameters set to something other than their upstream behaviour."""
+        return {k: v for k, v in self.kvm_params.items()
+                if k in NON_UPSTREAM_PARAM_DEFAULTS and v != NON_UPSTREAM_PARAM_DEFAULTS[k]}
+
+
+class KvmMmu:
+    """One VM's MMU: common mmu.c code dispatching to the shadow and TDP MMUs."""
+
+    def __init__(self, arch: KvmArch, shadow: ShadowMmuApi, tdp: TdpMmuApi | None, split: Split,
+                 tdp_mmu_enabled: bool) -> None:
+        self.arch = arch
+        self.shadow = shadow
+        self.tdp = tdp
+        self.split = split
+        self.tdp_mmu_enabled = tdp_mmu_enabled
+        self.vcpus: dict[int, VcpuMmu] = {}
+
+    # ---- vCPUs
+
+    def vcpu(self, vcpu_id: int) -> VcpuMmu:
+        vcpu = self.vcpus.get(vcpu_id)
+        if vcpu is None:
+            vcpu = self.vcpus[vcpu_id] = VcpuMmu(vcpu_id)
+        return vcpu
+
+    # ---- faults
+
+    def kvm_mmu_page_fault(self, vcpu: VcpuMmu, fault: KvmPageFault) -> Generator[FaultIn, Any, int]:
+        """kvm_mmu_page_fault(): RSVD faults would go to handle_mmio_page_fault (mmio_caching=N on
+        the hosts we model, so none), then kvm_mmu_do_page_fault."""
+        return (yield from self.kvm_mmu_do_page_fault(vcpu, fault))
+
+    def kvm_mmu_do_page_fault(self, vcpu: VcpuMmu, fault: KvmPageFault) -> Generator[FaultIn, Any, int]:
+        """The one place that picks an MMU: TDP MMU for direct roots when enabled, else the shadow MMU.
+
+        Before RFC patch 9 (``Split.PRE``) the common direct-fault path also made MMU pages available
+        for TDP MMU faults; after it only the shadow MMU's fault path does.
+        """
+        if fault.is_tdp and self.tdp_mmu_enabled:
+            if self.tdp is None:
+                raise MmutraceError("this trace has TDP MMU faults and no TDP MMU model is installed "
+                                    "(replay/tdp_mmu.py); the trace's MMU is tdp_mmu=Y")
+            if self.split is Split.PRE:
+                self.shadow.make_mmu_pages_available(vcpu)
+            return (yield from self.tdp.kvm_tdp_mmu_page_fault(vcpu, fault))
+        return (yield from self.shadow.kvm_shadow_mmu_page_fault(vcpu, fault))
+
+    # ---- roots
+
+    def kvm_mmu_reload(self, vcpu: VcpuMmu) -> None:
+        """vcpu_enter_guest(): free obsolete roots on request, then kvm_mmu_load if the root is invalid."""
+        self.shadow.kvm_mmu_free_obsolete_roots(vcpu)
+        if vcpu.needs_load:
+            self.shadow.kvm_mmu_load(vcpu)
+
+    # ---- quota
+
+    def kvm_mmu_available_pages(self) -> int | None:
+        if self.arch.n_max_mmu_pages is None:
+            return None
+        return max(self.arch.n_max_mmu_pages - self.arch.n_used_mmu_pages, 0)
+
+    def kvm_mmu_change_mmu_pages(self, goal: int) -> None:
+        """Shrink to ``goal`` by zapping the oldest pages, then set the maximum."""
+        if self.arch.n_used_mmu_pages > goal:
+            self.shadow.kvm_mmu_zap_oldest_mmu_pages(self.arch.n_used_mmu_pages - goal)
+            goal = self.arch.n_used_mmu_pages
+        self.arch.n_max_mmu_pages = goal
+
+    def kvm_vm_ioctl_set_nr_mmu_pages(self, goal: int) -> None:
+        if goal < KVM_MIN_ALLOC_MMU_PAGES:
+            return  # -EINVAL: nothing changes
+        self.kvm_mmu_change_mmu_pages(goal)
+        self.arch.n_requested_mmu_pages = goal
+
+    # ---- memslots
+
+    def kvm_set_memory_region(self, slot_id: int, base_gfn: int, npages: int, hva: int, flags: int) -> None:
+        """KVM_SET_USER_MEMORY_REGION: create, delete (npages 0), move or change flags of a slot."""
+        old = self.arch.memslots.get(slot_id)
+        self.arch.memslots_known = True
+        if npages == 0:
+            if old is None:
+                return
+            self.kvm_arch_flush_shadow_memslot(old)
+            del self.arch.memslots[slot_id]
+            self.kvm_arch_commit_memory_region(create_or_delete=True)
+            return
+        new = Memslot(slot_id, base_gfn, npages, hva, flags)
+        if old is not None and old.base_gfn != base_gfn:
+            self.kvm_arch_flush_shadow_memslot(old)  # KVM_MR_MOVE
+        self.arch.memslots[slot_id] = new
+        if old is None:
+            self.kvm_arch_commit_memory_region(create_or_delete=True)
+        elif (old.flags ^ flags) & KVM_MEM_LOG_DIRTY_PAGES and flags & KVM_MEM_LOG_DIRTY_PAGES:
+            self.shadow.kvm_shadow_mmu_slot_remove_write_access(new, 1)
+
+    def kvm_arch_commit_memory_region(self, create_or_delete: bool) -> None:
+        """The default quota: 2% of memslot pages, at least 64, unless userspace set one."""
+        if create_or_delete and not self.arch.n_requested_mmu_pages:
+            nr_pages = sum(s.npages for s in self.arch.memslots.values())
+            self.kvm_mmu_change_mmu_pages(max(nr_pages // KVM_MEMSLOT_PAGES_TO_MMU_PAGES_RATIO,
+                                              KVM_MIN_ALLOC_MMU_PAGES))
+
+    def kvm_arch_flush_shadow_memslot(self, slot: Memslot) -> None:
+        """KVM_X86_QUIRK_SLOT_ZAP_ALL (the default): a fast zap of everything."""
+        self.kvm_mmu_zap_all_fast()
+
+    def kvm_mmu_zap_all_fast(self) -> None:
+        """Flip the generation so every shadow page is obsolete, then zap the obsolete pages."""
+        arch = self.arch
+        arch.tp.emit(Decision("kvm_mmu_zap_all_fast", {"mmu_valid_gen": arch.mmu_valid_gen,
+                                                        "mmu_used": arch.n_used_mmu_pages},
+                              twin="kvm_mmu_zap_all_fast"))
+        arch.mmu_valid_gen ^= 1
+        if self.tdp is not None:
+            self.tdp.kvm_tdp_mmu_invalidate_roots()
+        for vcpu in self.vcpus.values():
+            vcpu.needs_load = True  # KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
+        self.shadow.kvm_zap_obsolete_pages()
+        if self.tdp is not None:
+            self.tdp.kvm_tdp_mmu_zap_invalidated_roots()
+
+    def kvm_unmap_gfn_range(self, start: int, end: int) -> bool:
+        """MMU notifier: drop leaf SPTEs of [start, end) in both MMUs (no shadow page is zapped)."""
+        flush = self.shadow.kvm_shadow_mmu_unmap_gfn_range(start, end)
+        if self.tdp is not None:
+            flush |= self.tdp.kvm_tdp_mmu_unmap_gfn_range(start, end)
+        return flush
+
+    def kvm_mmu_notifier_invalidate_range_start(self, start: int, end: int) -> bool:
+        """kvm_unmap_hva_range: translate the hva range through every memslot and unmap it.
+
+        Returns whether the range overlapped a memslot (mmu_invalidate_seq moved: a fault that
+        sampled it before is stale).  Without a memslot layout every leaf SPTE may be gone: the
+        caller marks them unknown.
+        """
+        hit = False
+        for slot in list(self.arch.memslots.values()):
+            gfns = slot.hva_to_gfn_range(start, end)
+            if gfns is not None:
+                hit = True
+                self.kvm_unmap_gfn_range(*gfns)
+        return hit
+
+    def kvm_mmu_zap_all(self) -> None:
+        """kvm_arch_flush_shadow_all() at VM destruction, then each vCPU's kvm_mmu_unload()."""
+        self.shadow.kvm_shadow_mmu_zap_all()
+        if self.tdp is not None:
+            self.tdp.kvm_tdp_mmu_zap_all()
+        for vcpu in self.vcpus.values():
+            self.shadow.kvm_mmu_free_roots(vcpu, free_prev=True)

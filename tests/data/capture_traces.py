@@ -1,0 +1,67 @@
+"""Record the small real traces tests/test_replay*.py replay (tracefs capture of built-in scenarios).
+
+    cd /work/main && .venv/bin/python tests/data/capture_traces.py [NAME=SIZE ...]
+
+Each scenario runs in this process under a private tracefs instance filtered by its pid
+(mmutrace.tracefs.Capture) and is written with mmutrace.storage's writer, with the host's metadata
+(kernel release, kvm parameters) and ``recorder: tracefs``.  Output: tests/data/<name>.parquet.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mmutrace import schema
+from mmutrace.hostinfo import host_metadata
+from mmutrace.scenarios import run_scenario
+from mmutrace.storage import TraceWriter
+from mmutrace.tracefs import Capture
+
+DEFAULT = {"touch": 256, "pt_rewrite": 64, "cr3_switch": 4, "unmap_refault": 64, "memslot_churn": 64,
+           "dirty_log": 64, "mmu_pages_limit": 256, "hugepages": 8, "mmio": 32, "multi_vcpu": 128}
+
+
+def zero_pfn() -> int:
+    """The pfn of the host's shared zero page: what a read of untouched anonymous memory maps."""
+    page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
+    view = np.frombuffer(page, dtype=np.uint8)
+    assert view[0] == 0
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(view.ctypes.data // mmap.PAGESIZE * 8)
+        entry = struct.unpack("<Q", pagemap.read(8))[0]
+    del view
+    page.close()
+    return entry & ((1 << 55) - 1)
+
+
+def capture(name: str, size: int, out: Path) -> Path:
+    with Capture(tgid=os.getpid()) as cap:
+        result = run_scenario(name, seed=1, size=size)
+    table = cap.table()
+    lost = {str(cpu): n for cpu, n in cap.lost_by_cpu.items()}
+    meta = {**host_metadata(), "schema_version": schema.SCHEMA_VERSION, "recorder": "tracefs", "origin": "host",
+            "zero_pfn": zero_pfn(), "lost": lost, "lost_total": sum(lost.values()), "start_ns": cap.start_ns, "stop_ns": cap.stop_ns,
+            "scenario": {"name": name, "seed": 1, "size": size}, "markers": [
+                {"ts_ns": ts, "text": text} for ts, text in result.markers], "complete": True,
+            "command": ["tests/data/capture_traces.py", f"{name}={size}"]}
+    path = out / f"{name}.parquet"
+    with TraceWriter(path, metadata=meta, force=True) as writer:
+        writer.write_batch(table)
+    return path
+
+
+def main(argv: list[str]) -> None:
+    wanted = dict(arg.split("=") for arg in argv) if argv else DEFAULT
+    out = Path(__file__).resolve().parent
+    for name, size in wanted.items():
+        print(capture(name, int(size), out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
