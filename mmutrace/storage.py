@@ -14,8 +14,9 @@ through three stages:
    and removes the segments.  Rows that arrive later than the window are therefore still placed
    correctly; they are counted in the metadata (``reorder.late_rows``), never dropped.
 
-``repair`` runs stage 3 on the segments a killed writer left behind and marks the result
-``complete: false``.  docs/schema.md describes the format, the encodings and their measured cost.
+``repair`` runs stage 3 on the segments a killed writer left behind; the result says
+``complete: false`` unless the writer had flushed everything before it died.  docs/schema.md
+describes the format, the crash-safety design, the encodings and their measured cost.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ from mmutrace import schema
 from mmutrace.errors import TraceFileError, UsageError
 
 __all__ = [
+    "EVENT_NAMES",
     "TraceReader",
     "TraceWriter",
     "check_output",
     "open_trace",
     "partial_dir",
     "repair",
+    "to_table",
 ]
 
 #: The dictionary of the ``event`` column: the catalogue, so every batch shares one dictionary.
@@ -197,11 +200,12 @@ def _key_at(table: pa.Table, row: int) -> Key:
 def _sorted(table: pa.Table) -> pa.Table:
     """``table`` in key order; a check first, because recorder batches are mostly in order already."""
     ts, cpu, seq = (table.column(name).to_numpy() for name in schema.SORT_COLUMNS)
-    dts = np.diff(ts.astype(np.int64))
-    tie = dts == 0
-    dcpu = np.diff(cpu.astype(np.int32))
-    in_order = (dts > 0) | (tie & ((dcpu > 0) | ((dcpu == 0) & (np.diff(seq.astype(np.int64)) >= 0))))
-    if in_order.all():
+    later = ts[1:] > ts[:-1]
+    if later.all():
+        return table
+    tie = ts[1:] == ts[:-1]
+    same_cpu = cpu[1:] == cpu[:-1]
+    if (later | (tie & ((cpu[1:] > cpu[:-1]) | (same_cpu & (seq[1:] >= seq[:-1]))))).all():
         return table
     return table.combine_chunks().sort_by(_SORT_KEYS)
 
@@ -325,13 +329,13 @@ def _merge_segments(segments: list[_Segment]) -> Iterator[pa.Table]:
             yield pa.concat_tables(heads).sort_by(_SORT_KEYS)
 
 
-def _write_merged(segments: list[_Segment], path: Path, metadata: Mapping[str, Any], row_group_rows: int) -> int:
-    """Merge ``segments`` into ``path`` (via a temporary name) in row groups of ``row_group_rows``.
+def _write_merged(segments: list[_Segment], path: Path, metadata: Mapping[str, Any], row_group_rows: int) -> None:
+    """Merge ``segments`` into ``path`` in row groups of ``row_group_rows``.
 
-    Returns the number of rows written.  The file appears under ``path`` only when it is whole.
+    Written under a temporary name in the partial directory and renamed, so the file appears under
+    ``path`` only when it is whole.
     """
     tmp = partial_dir(path) / "final.parquet.tmp"
-    rows = 0
     pending: list[pa.Table] = []
     pending_rows = 0
     with _parquet_writer(tmp, {schema.METADATA_KEY: _metadata_bytes(metadata)}) as writer:
@@ -343,14 +347,11 @@ def _write_merged(segments: list[_Segment], path: Path, metadata: Mapping[str, A
                 writer.write_table(merged.slice(0, row_group_rows), row_group_size=row_group_rows)
                 rest = merged.slice(row_group_rows)
                 pending, pending_rows = [rest], rest.num_rows
-                rows += row_group_rows
         if pending_rows:
             writer.write_table(pa.concat_tables(pending), row_group_size=row_group_rows)
-            rows += pending_rows
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return rows
 
 
 # --------------------------------------------------------------------------------------------
