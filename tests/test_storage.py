@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -269,6 +270,46 @@ def test_a_producer_exception_leaves_a_valid_incomplete_file(tmp_path: Path) -> 
             raise RuntimeError("probe detached")
     trace = storage.open_trace(path)
     assert (trace.num_rows, trace.metadata["complete"], trace.metadata["stop_reason"]) == (100, False, "RuntimeError")
+
+
+INTERRUPTED_WRITER = textwrap.dedent(
+    """
+    import signal, sys
+    import numpy as np
+    from mmutrace import storage
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # what the recorder does
+    rows = 1000
+    try:
+        with storage.TraceWriter(sys.argv[1], {}, row_group_rows=4000, reorder_window_ns=0) as writer:
+            for i in range(10**9):
+                batch = {"ts_ns": np.arange(i * rows, (i + 1) * rows, dtype=np.uint64), "cpu": np.zeros(rows, np.uint16),
+                         "seq": np.arange(rows, dtype=np.uint32), "pid": np.ones(rows, np.int32),
+                         "tid": np.ones(rows, np.int32), "event": np.array(["kvm_exit"] * rows)}
+                writer.write_batch(batch)
+                if i == 10:
+                    print("flushed", flush=True)
+    except KeyboardInterrupt:
+        print(writer.events_written, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signalled_writer_process_leaves_a_complete_file(tmp_path: Path, signum: int) -> None:
+    path = tmp_path / "t.parquet"
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "flushed\n"
+    proc.send_signal(signum)
+    written = int(proc.stdout.readline())
+    assert proc.wait(timeout=60) == 0
+    trace = storage.open_trace(path)
+    assert trace.num_rows == written and written >= 11_000
+    assert trace.read(columns=["ts_ns"])["ts_ns"].to_pylist() == list(range(written))
+    assert (trace.metadata["complete"], trace.metadata["stop_reason"]) == (True, "KeyboardInterrupt")
 
 
 KILLED_WRITER = textwrap.dedent(
