@@ -72,6 +72,8 @@ _BYTE_STREAM_SPLIT_COLUMNS = tuple(
     f.name for f in schema.ARROW_SCHEMA
     if pa.types.is_integer(f.type) and f.type.bit_width == 64 and f.name not in _DELTA_COLUMNS
 )
+#: Row groups' worth of rows the reorder window may hold before the oldest are released anyway.
+_MAX_HELD_GROUPS = 8
 _ZSTD_LEVEL = 3  # levels 6-12 gain <1% on trace data and cost up to 5x the time
 
 
@@ -412,9 +414,16 @@ class TraceWriter:
         self._pending_ts.append(ts)
         self._pending_rows += table.num_rows
         self.events_written += table.num_rows
+        groups = self._row_group_rows
         due = time.monotonic() - self._last_flush >= self._flush_interval_s
-        if self._pending_rows >= self._row_group_rows or due:
-            self._release(self._newest_ts - self._window_ns, whole_groups_only=not due)
+        if self._pending_rows >= groups or due:
+            ready = self._rows_before(self._newest_ts - self._window_ns)
+            self._release(ready if due else ready - ready % groups)
+        overflow = self._pending_rows - _MAX_HELD_GROUPS * groups
+        if overflow > 0:
+            # The window holds more rows than memory should: release the oldest whole groups
+            # anyway.  Rows that still arrive before them become late rows, merged at close.
+            self._release(-(-overflow // groups) * groups)
 
     def update_metadata(self, **items: Any) -> None:
         """Merge ``items`` into the metadata (top-level keys replace); ``lost`` also sets ``lost_total``."""
@@ -428,23 +437,19 @@ class TraceWriter:
 
     # -- release and segments
 
-    def _release(self, cutoff_ts: int | None, whole_groups_only: bool) -> None:
-        """Write pending rows with ts_ns < cutoff_ts (all rows when None) as sorted segments."""
+    def _rows_before(self, cutoff_ts: int) -> int:
+        """Pending rows with ts_ns < cutoff_ts, counted without sorting (each chunk's ts are sorted)."""
+        return sum(int(np.searchsorted(ts, cutoff_ts, side="left")) for ts in self._pending_ts)
+
+    def _release(self, rows: int) -> None:
+        """Write the ``rows`` oldest pending rows as sorted segments of at most one row group."""
         self._last_flush = time.monotonic()
-        if cutoff_ts is None:
-            ready = self._pending_rows
-        else:
-            # Sorting the pending rows is the expensive part: count first (each chunk keeps its
-            # timestamps sorted) and sort only when something is ready.
-            ready = sum(int(np.searchsorted(ts, cutoff_ts, side="left")) for ts in self._pending_ts)
-            if whole_groups_only:
-                ready -= ready % self._row_group_rows
-        if not ready:
+        if rows <= 0:
             return
         table = _sorted(pa.concat_tables(self._pending))
-        for start in range(0, ready, self._row_group_rows):
-            self._write_segment(table.slice(start, min(self._row_group_rows, ready - start)))
-        rest = table.slice(ready)
+        for start in range(0, rows, self._row_group_rows):
+            self._write_segment(table.slice(start, min(self._row_group_rows, rows - start)))
+        rest = table.slice(rows)
         self._pending = [rest] if rest.num_rows else []
         self._pending_ts = [rest.column("ts_ns").to_numpy()] if rest.num_rows else []
         self._pending_rows = rest.num_rows
@@ -476,7 +481,7 @@ class TraceWriter:
         if self._closed:
             return self.path
         self._closed = True
-        self._release(None, whole_groups_only=False)
+        self._release(self._pending_rows)
         self._metadata.setdefault("reorder", {"window_ns": self._window_ns, "late_rows": self._late_rows})
         self._metadata["complete"] = complete
         # Every event is in a segment now: if the merge below is interrupted (a second Ctrl-C),

@@ -244,6 +244,20 @@ def test_rows_later_than_the_window_are_placed_and_counted(tmp_path: Path) -> No
     assert trace.num_row_groups == 21
 
 
+def test_a_window_larger_than_memory_allows_still_flushes(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    stream = shadow_fault_stream(300)
+    writer = storage.TraceWriter(path, {}, row_group_rows=100, reorder_window_ns=10**18, flush_interval_s=3600)
+    writer.write_batch(stream.slice(1000))
+    segments = len(list(storage.partial_dir(path).glob("seg-*.parquet")))
+    writer.write_batch(stream.slice(0, 1000))  # older than everything flushed
+    writer.close()
+    trace = storage.open_trace(path)
+    assert segments == 20 - storage._MAX_HELD_GROUPS
+    assert trace.read().equals(stream)
+    assert trace.metadata["reorder"]["late_rows"] == 1000
+
+
 # --------------------------------------------------------------------------------------------
 # Crash safety
 # --------------------------------------------------------------------------------------------
