@@ -31,9 +31,10 @@ import pyarrow as pa
 from mmutrace import schema
 from mmutrace.errors import MmutraceError, TraceFileError
 from replay.decisions import COMPARED, DECISION_EVENTS, IDENTITY, KIND, Decision, Tracepoints
-from replay.mmu import FaultIn, FaultInResult, KvmArch, KvmMmu, KvmPageFault, VcpuMmu
+from replay.mmu import KVM_REFILL_PAGES, FaultIn, FaultInResult, KvmArch, KvmMmu, KvmPageFault, VcpuMmu
 from replay.paging_tmpl import PTTYPE_64, GuestWalker, walk_addr_generic
-from replay.shadow_mmu import (R_PARAMS, R_PREFETCH, R_QUOTA, UNKNOWN_SPTE, ShadowMmu, ShadowPage)
+from replay.shadow_mmu import R_PARAMS, R_PREFETCH, R_QUOTA, UNKNOWN_SPTE, ShadowMmu, ShadowPage
+from replay.spte import PT_WRITABLE_MASK
 from replay.versions import Split, VersionRules, rules_for_release
 
 VERDICTS = ("matched", "mismatched", "missing", "extra", "undecidable")
@@ -91,6 +92,8 @@ class ReplayResult:
     divergences_total: int = 0
     undecidable_reasons: Counter = field(default_factory=Counter)
     adopted: int = 0
+    #: Inputs the engine inferred from the first decision that revealed them (docs/undecidable.md).
+    inferred: dict[str, Any] = field(default_factory=dict)
     events: int = 0
     max_divergences: int | None = None
     _model_rows: list[dict[str, Any]] = field(default_factory=list)
@@ -116,6 +119,7 @@ class ReplayResult:
             "divergences_total": self.divergences_total,
             "undecidable_reasons": dict(self.undecidable_reasons.most_common()),
             "adopted": self.adopted,
+            "inferred": self.inferred,
             "events": self.events,
             "split": self.split.value,
             "kernel_release": self.kernel_release,
@@ -189,6 +193,9 @@ class Thread:
     pending: deque = field(default_factory=deque)
     context: str | None = None  # why unexplained decisions on this thread are undecidable
     prefetch_sp: ShadowPage | None = None
+    reclaimed_unknown_quota: bool = False
+    #: Set by a write-protected fault until the thread's next exit: emulator zaps are undecidable.
+    emulating: str | None = None
     last_ts: int = 0
 
 
@@ -234,12 +241,16 @@ class VmReplay:
 
     def handle(self, ev: str, row: dict[str, Any]) -> None:
         t = self.thread(row["tid"])
-        t.last_ts = row["ts_ns"]
+        t.last_ts = self.arch.now_ns = row["ts_ns"]
+        if row.get("mmu_max") is not None:
+            self.arch.n_max_mmu_pages = row["mmu_max"]  # the recorder's quota input
         if ev == "kvm_mmu_paging_element":
             if t.walk is not None:
                 t.walk.ptes.append(row["spte"])
             return
         if ev == "kvm_mmu_pagetable_walk":
+            if t.walk is not None and t.walk.walker is None:
+                self.complete_walk(t, row)
             self.end_episode(t, row)
             self.vcpu_of(t, row.get("vcpu"))
             t.walk = Walk(row["ts_ns"], row["addr"], row["error_code"])
@@ -258,6 +269,7 @@ class VmReplay:
             self.ioctl(t, ev, row)
         elif ev in BOUNDARY_EVENTS:
             self.end_episode(t, row)
+            t.emulating = None
 
     # ---- walks and faults
 
@@ -274,6 +286,12 @@ class VmReplay:
         if w.fault_error_code is not None:
             t.pending.append(Decision("kvm_mmu_walker_error", {"error_code": w.fault_error_code},
                                       "FNAME(walk_addr_generic)", reason))
+        elif not w.truncated:
+            probe = KvmPageFault(addr=walk.addr, error_code=walk.access, gfn=w.gfn)
+            if self.shadow.page_fault_handle_page_track(vcpu, probe):
+                # RET_PF_WRITE_PROTECTED before mmu_lock: the instruction is emulated next, and what
+                # the emulator writes (and so zaps) is not in the trace.
+                t.emulating = R_EMULATION
 
     def start_fault(self, t: Thread, row: dict[str, Any]) -> None:
         """The walk was a fault's: run kvm_mmu_page_fault up to its first wait for inputs."""
@@ -288,7 +306,7 @@ class VmReplay:
         if stale is None:
             t.fault_reason = R_STALE
         fault.stale = bool(stale)
-        self.correct_from_error_code(vcpu, fault)
+        self.correct_from_error_code(vcpu, fault, walk.ts)
         t.fault = self._prime(self.mmu.kvm_mmu_page_fault(vcpu, fault), t)
 
     def _prime(self, gen: Any, t: Thread, value: Any = None) -> Any:
@@ -317,27 +335,35 @@ class VmReplay:
                 d.undecidable = t.fault_reason
             t.pending.append(d)
 
-    def correct_from_error_code(self, vcpu: VcpuMmu, fault: KvmPageFault) -> None:
-        """The hardware said "not present": a leaf the model holds was zapped by an untraced path."""
-        if fault.present:
+    def correct_from_error_code(self, vcpu: VcpuMmu, fault: KvmPageFault, walk_ts: int) -> None:
+        """The hardware error code is an input about the SPTE the guest used when it faulted:
+        "not present" means a leaf the model holds was zapped by an untraced path (an MMU-notifier
+        range the model could not place); a present write fault means it was write-protected
+        (dirty logging).  Only SPTEs written before the fault's walk are corrected: another vCPU
+        may have installed one since (the race multi_vcpu records)."""
+        sp, index = self.leaf_entry(vcpu, fault.addr)
+        if sp is None or index not in sp.sptes or sp.spte_ts.get(index, 0) >= walk_ts:
             return
+        spte = sp.sptes[index]
+        if not fault.present:
+            self.shadow.drop_spte(sp, index)
+            self.result.adopted += 1
+        elif fault.write and spte != UNKNOWN_SPTE and spte & PT_WRITABLE_MASK:
+            sp.sptes[index] = spte & ~PT_WRITABLE_MASK
+            self.result.adopted += 1
+
+    def leaf_entry(self, vcpu: VcpuMmu, addr: int) -> tuple[ShadowPage | None, int]:
+        """The shadow page and index where the walk for ``addr`` ends (a leaf or a missing link)."""
         sp = vcpu.root
-        level = self.arch.rules.role_layout.get(sp.role, "level")
-        while sp is not None and level > 1:
-            index = (fault.addr >> (12 + 9 * (level - 1))) & 511
+        if sp is None:
+            return None, 0
+        level = self.rules.role_layout.get(sp.role, "level")
+        while True:
+            index = (addr >> (12 + 9 * (level - 1))) & 511
             child = sp.children.get(index)
             if child is None:
-                if index in sp.sptes:
-                    sp.sptes.pop(index)
-                    self.result.adopted += 1
-                return
+                return sp, index
             sp, level = child, level - 1
-        index = (fault.addr >> 12) & 511
-        if sp is not None and index in sp.sptes:
-            spte = sp.sptes.pop(index)
-            if spte != UNKNOWN_SPTE:
-                self.result.adopted += 1
-            self.shadow.drop_spte(sp, index)
 
     def stale_since(self, ts: int) -> bool | None:
         """Did a memslot-hitting invalidation happen since ``ts``?  None when that is unknowable."""
@@ -349,8 +375,20 @@ class VmReplay:
         return None if any(h is None for h in hits) else False
 
     def locked_decision(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
-        if not t.pending and t.fault is None and not t.fault_started and t.walk is not None \
-                and t.walk.walker is not None and t.context is None:
+        fault_walk = (not t.pending and t.fault is None and not t.fault_started and t.walk is not None
+                      and t.walk.walker is not None and t.context is None and t.emulating is None)
+        if fault_walk and ev == "kvm_mmu_prepare_zap_page" and self.arch.n_max_mmu_pages is None:
+            # make_mmu_pages_available() reclaimed, with a quota the trace does not carry: adopt
+            # the zaps, then the fault starts from the state they left.
+            self.undecided(t, ev, row, R_QUOTA)
+            t.reclaimed_unknown_quota = True
+            return
+        if fault_walk:
+            if t.reclaimed_unknown_quota:
+                # A reclaim refills to exactly KVM_REFILL_PAGES free pages (kvm_mmu_zap_oldest_mmu_pages
+                # stops at the first total >= 25 - available): that reveals the quota.
+                self.arch.n_max_mmu_pages = self.arch.n_used_mmu_pages + KVM_REFILL_PAGES
+                self.result.inferred["n_max_mmu_pages"] = self.arch.n_max_mmu_pages
             self.start_fault(t, row)
         if ev == "kvm_mmu_spte_requested" and t.fault is not None and t.fault_waiting is not None:
             # Everything the model decided before kvm_mmu_faultin_pfn's results were needed and
@@ -383,6 +421,7 @@ class VmReplay:
         t.fault_reason = None
         t.context = None
         t.prefetch_sp = None
+        t.reclaimed_unknown_quota = False
 
     # ---- host and ioctl inputs
 
@@ -492,6 +531,8 @@ class VmReplay:
                 return R_PREFETCH
         if t.context is not None:
             return t.context
+        if t.emulating is not None:
+            return t.emulating
         if t.fault_reason is not None:
             return t.fault_reason
         vcpu = t.vcpu

@@ -158,6 +158,8 @@ class KvmArch:
     memslots_known: bool = False
     kvm_params: dict[str, str] = field(default_factory=dict)
     nx_huge_pages: bool = False
+    #: Timestamp of the event being replayed (what "before this fault" means across vCPUs).
+    now_ns: int = 0
     #: pfn of the host's shared zero page (trace metadata ``zero_pfn``), None when not recorded.
     zero_pfn: int | None = None
 

@@ -43,7 +43,7 @@ class ShadowPage:
     """
 
     __slots__ = ("gfn", "role", "mmu_valid_gen", "root_count", "unsync", "unsync_children",
-                 "unsync_child_bitmap", "sptes", "children", "parent_ptes", "spt_page", "invalid",
+                 "unsync_child_bitmap", "sptes", "spte_ts", "children", "parent_ptes", "spt_page", "invalid",
                  "on_active_list", "write_flooding_count")
 
     def __init__(self, gfn: int, role: int, gen: int) -> None:
@@ -55,6 +55,8 @@ class ShadowPage:
         self.unsync_children = 0
         self.unsync_child_bitmap: set[int] = set()
         self.sptes: dict[int, int] = {}
+        #: When each leaf SPTE was last written (trace ns): a later fault's error code describes it.
+        self.spte_ts: dict[int, int] = {}
         self.children: dict[int, ShadowPage] = {}
         self.parent_ptes: list[tuple[ShadowPage, int]] = []
         self.spt_page: int | None = None
@@ -425,6 +427,7 @@ class ShadowMmu:
             ret = "spurious"
         else:
             sp.sptes[index] = spte
+            sp.spte_ts[index] = self.arch.now_ns
             self.trace_kvm_mmu_set_spte(sp, index, gfn, unknown)
         if wrprot and write_fault:
             ret = "write_protected"
@@ -544,6 +547,7 @@ class ShadowMmu:
         while level > 1 and self._lpage_disallowed(fault.gfn, level):
             level -= 1
         fault.req_level = fault.goal_level = level
+        fault.pfn &= ~((1 << (9 * (level - 1))) - 1)  # the huge page's first pfn
 
     def _lpage_disallowed(self, gfn: int, level: int) -> bool:
         shift = 9 * (level - 1)
@@ -806,6 +810,7 @@ class ShadowMmu:
                 if index not in sp.sptes:
                     self.rmap_add(sp, index, row["gfn"])
                 sp.sptes[index] = row["spte"]
+                sp.spte_ts[index] = self.arch.now_ns
 
     def learn_spt_page(self, sp: ShadowPage, sptep: int) -> None:
         """Remember which kernel page holds sp's SPTEs (from an aligned kvm_mmu_set_spte)."""
