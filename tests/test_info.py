@@ -152,3 +152,11 @@ def test_repair_command_recovers_an_abandoned_recording(tmp_path: Path, mmutrace
 
     proc = mmutrace("repair", str(path))
     assert (proc.code, proc.stderr) == (2, f"mmutrace: {path} is a finalized trace; there is nothing to repair\n")
+
+
+def test_repair_bad_input_is_one_line_exit_2(tmp_path: Path, mmutrace: Callable[..., Run]) -> None:
+    proc = mmutrace("repair", str(tmp_path / "nope.parquet"))
+    assert (proc.code, proc.stdout) == (2, "")
+    assert proc.stderr == f"mmutrace: {tmp_path / 'nope.parquet'}: no such trace and no unfinished recording ({tmp_path / '.nope.parquet.partial'})\n"
+    proc = mmutrace("repair", str(tmp_path))
+    assert proc.code == 2 and proc.stderr == f"mmutrace: {tmp_path} is not a trace's segment directory (.NAME.parquet.partial)\n"
