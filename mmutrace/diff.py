@@ -126,8 +126,8 @@ class Lane:
 
     name: str
     faults: dict[tuple[int, int, int], Fault] = field(default_factory=dict)
-    #: decisions outside faults, per scenario phase (index of the last marker before them)
-    outside: dict[int, list[Decision]] = field(default_factory=dict)
+    #: decisions outside faults, per scenario phase (``Phases``)
+    outside: dict[str, list[Decision]] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,8 +152,8 @@ class Lanes:
                 self._thread_vcpu[(vm, tid)] = vcpu
 
     def lane(self, vm: int | None, tid: int, vcpu: int | None) -> tuple[int, str]:
-        """(VM ordinal, lane name) of one event."""
-        vm_index = self.vms.setdefault(vm, len(self.vms))
+        """(VM ordinal, lane name) of one event; the ordinal is -1 for events of no VM."""
+        vm_index = -1 if vm is None else self.vms.setdefault(vm, len(self.vms))
         if vcpu is None:
             vcpu = self._thread_vcpu.get((vm, tid))
         if vcpu is not None:
@@ -168,7 +168,7 @@ class Difference:
 
     kind: str
     scope: str  # "fault" (inside a common fault), "outside" (outside faults) or "fault-set"
-    vm: int  # index of the VM pair
+    vm: int  # ordinal of the VM in both runs, -1 for events of no VM
     lane: str
     ts_a: int | None
     ts_b: int | None
@@ -177,6 +177,10 @@ class Difference:
     where: str  # the fault label or "phase N"
     detail: str = ""
     context: dict[str, list[str]] | None = None
+
+    @property
+    def lane_label(self) -> str:
+        return f"{'no VM' if self.vm < 0 else f'vm{self.vm}'} {self.lane}"
 
     def to_json(self) -> dict[str, Any]:
         return {k: _jsonable(v) for k, v in dataclasses.asdict(self).items()}
@@ -256,8 +260,22 @@ def _compared_columns(ignored: frozenset[str]) -> dict[str, tuple[str, ...]]:
     }
 
 
-def _phase_bounds(metadata: dict[str, Any]) -> list[int]:
-    return sorted(int(m["ts_ns"]) for m in metadata.get("markers") or [] if "ts_ns" in m)
+class Phases:
+    """Scenario phases from the trace's markers, named by marker text (``text#k`` for a repeated text)
+    so that two runs' phases pair up by name even when one run has an extra marker."""
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        seen: Counter = Counter()
+        self.starts: list[int] = []
+        self.names: list[str] = ["before markers"]
+        for m in sorted((m for m in metadata.get("markers") or [] if "ts_ns" in m), key=lambda m: m["ts_ns"]):
+            text = str(m.get("text", ""))
+            self.starts.append(int(m["ts_ns"]))
+            self.names.append(text if not seen[text] else f"{text}#{seen[text]}")
+            seen[text] += 1
+
+    def at(self, ts_ns: int) -> str:
+        return self.names[bisect.bisect_right(self.starts, ts_ns)]
 
 
 def fault_start_event(event_names: Iterable[str]) -> str:
@@ -318,7 +336,7 @@ def collect(table: pa.Table, metadata: dict[str, Any], ignored: frozenset[str]) 
     names = [n for n in names if n in keep]
     compared = _compared_columns(ignored)
     mask_pfn = "spte_pfn" in ignored
-    bounds = _phase_bounds(metadata)
+    phases = Phases(metadata)
 
     cols = {c: rows.column(c).to_pylist() for c in set(READ_COLUMNS) & set(rows.column_names) if c != "event"}
     ts, vms, tids, vcpus = cols["ts_ns"], cols["vm"], cols["tid"], cols["vcpu"]
@@ -351,7 +369,7 @@ def collect(table: pa.Table, metadata: dict[str, Any], ignored: frozenset[str]) 
         if cutter.is_open(lane_id):
             open_fault[lane_id].decisions.append(decision)
         else:
-            lane.outside.setdefault(bisect.bisect_right(bounds, ts[i]), []).append(decision)
+            lane.outside.setdefault(phases.at(ts[i]), []).append(decision)
     return [by_vm[i] for i in sorted(by_vm)]
 
 
@@ -378,7 +396,7 @@ class _Comparer:
             a = vms_a[vm_index] if vm_index < len(vms_a) else VmEvents(None)
             b = vms_b[vm_index] if vm_index < len(vms_b) else VmEvents(None)
             for lane_a, lane_b in _pair_lanes(a.lanes, b.lanes):
-                self._lane(vm_index, lane_a, lane_b)
+                self._lane(vm_index - 1, lane_a, lane_b)  # pair 0 holds the events of no VM
 
     def _lane(self, vm: int, a: Lane, b: Lane) -> None:
         r = self.result

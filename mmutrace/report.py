@@ -109,7 +109,7 @@ class TraceScan:
         self._lane_names = Lanes()
 
     def lane_labels(self) -> dict[int, str]:
-        return {i: f"vm{vm} {name}" for (vm, name), i in self.lanes.items()}
+        return {i: f"{'no VM' if vm < 0 else f'vm{vm}'} {name}" for (vm, name), i in self.lanes.items()}
 
     def bin_seconds(self) -> np.ndarray:
         return (np.arange(self.n_bins) + 0.5) * self.width / 1e9
@@ -184,7 +184,8 @@ class TraceScan:
                                                                             last=("ts", "max")))
         spte_rows = np.flatnonzero(is_[_SET_SPTE] & col["sptep"].is_valid().to_numpy(zero_copy_only=False))
         if len(spte_rows):
-            self.spte_parts.append(pd.DataFrame({"sptep": _ints(col["sptep"])[spte_rows],
+            sptep = pc.fill_null(col["sptep"], 0).to_numpy(zero_copy_only=False)  # kernel addresses: keep u64
+            self.spte_parts.append(pd.DataFrame({"sptep": sptep[spte_rows],
                                                  "level": _ints(col["level"])[spte_rows],
                                                  "gfn": _ints(col["gfn"])[spte_rows]}).drop_duplicates("sptep"))
 
@@ -405,10 +406,11 @@ def _run_section(report: Report, reader: Any, metadata: dict[str, Any], by_event
         + "<h3>Events</h3>" + _table("events", ["event", "count"], counts)
         + "<h3>Scenario markers</h3>" + (_table("markers", ["time", "marker"], marker_rows) if markers else
                                          "<p>No markers.</p>")
-        + "<h3>KVM parameters</h3>" + (_kv_table(params) if params else "<p>Not recorded.</p>")
-        + f"<h3>Probes ({len(probes)})</h3>"
+        + f"<details><summary>KVM parameters ({len(params)})</summary>"
+        + (_kv_table(params) if params else "<p>Not recorded.</p>") + "</details>"
+        + f"<details><summary>Probes ({len(probes)})</summary>"
         + ("<ul class='probes'>" + "".join(f"<li>{esc(str(p))}</li>" for p in probes) + "</ul>" if probes
-           else "<p>Not recorded.</p>"))))
+           else "<p>Not recorded.</p>") + "</details>")))
 
 
 def _downsample(report: Report, name: str, ts: np.ndarray, lane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -576,7 +578,7 @@ def _diff_section(report: Report, diff: DiffResult) -> None:
     rows, details = [], []
     for i, d in enumerate(shown):
         field_name = d.kind.rpartition(".")[2]
-        rows.append([_td(d.kind), _td(d.where), _td(f"vm{d.vm} {d.lane}"),
+        rows.append([_td(d.kind), _td(d.where), _td(d.lane_label),
                      _td("—" if d.ts_a is None else d.ts_a, d.ts_a), _td(format_value(field_name, d.a)),
                      _td(format_value(field_name, d.b)), _td(d.detail),
                      _td(_Html(f'<a href="#diff-{i}">context</a>') if d.context else "")])
@@ -742,12 +744,16 @@ _PAGE = """<!DOCTYPE html>
 <title>{title}</title>
 <script>
 window.mmutraceErrors = [];
-function mmutraceError(text) {{
-  window.mmutraceErrors.push(String(text));
-  var box = document.getElementById('js-errors');
-  if (box) {{ box.hidden = false; var p = document.createElement('pre'); p.className = 'js-error';
-    p.textContent = String(text); box.appendChild(p); box.setAttribute('data-count', window.mmutraceErrors.length); }}
+function mmutraceShow() {{
+  var box = document.getElementById('js-errors'), n = window.mmutraceErrors.length;
+  if (!box) return;
+  for (var i = box.getElementsByTagName('pre').length; i < n; i++) {{
+    var p = document.createElement('pre'); p.className = 'js-error'; p.textContent = window.mmutraceErrors[i];
+    box.appendChild(p);
+  }}
+  box.setAttribute('data-count', n); box.hidden = n === 0;
 }}
+function mmutraceError(text) {{ window.mmutraceErrors.push(String(text)); mmutraceShow(); }}
 window.onerror = function (msg, src, line) {{ mmutraceError(msg + ' (' + src + ':' + line + ')'); }};
 (function () {{ var orig = console.error; console.error = function () {{
   mmutraceError(Array.prototype.join.call(arguments, ' ')); return orig.apply(console, arguments); }}; }})();
@@ -763,6 +769,7 @@ window.onerror = function (msg, src, line) {{ mmutraceError(msg + ' (' + src + '
 <script type="application/json" id="mmutrace-data">{data}</script>
 <script>{js}
 {plots}
+mmutraceShow();
 document.body.setAttribute('data-rendered', 'yes');
 </script>
 </body></html>

@@ -60,7 +60,7 @@ def print_human(result: DiffResult, console: Console, shown: int) -> None:
         console.print(kinds)
     for i, d in enumerate(result.differences[:shown]):
         field = d.kind.rpartition(".")[2]
-        console.rule(f"[bold]#{i}[/] {d.kind} — vm{d.vm} {d.lane} — {d.where}", style="red")
+        console.rule(f"[bold]#{i}[/] {d.kind} — {d.lane_label} — {d.where}", style="red")
         console.print(f"A ({'—' if d.ts_a is None else d.ts_a} ns): [red]{format_value(field, d.a)}[/]   "
                       f"B ({'—' if d.ts_b is None else d.ts_b} ns): [green]{format_value(field, d.b)}[/]"
                       + (f"   {d.detail}" if d.detail else ""), highlight=False)
