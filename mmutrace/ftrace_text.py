@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import enum
 import gzip
+import os
 import re
+import shutil
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmutrace import storage
 from mmutrace.errors import HostError, TraceFileError
 from mmutrace.schema import ARROW_SCHEMA, EVENTS, EVENTS_BY_NAME, SORT_COLUMNS
 from mmutrace.tracefs import parse_format, read_format
@@ -138,14 +141,13 @@ def pferr_from_flags(text: str) -> int:
 
 
 def exit_reason_from_text(text: str, table: dict[str, int]) -> int | None:
-    """kvm_exit's ``reason %s%s%s``: a VMX or SVM name (plus `` FAILED_VMENTRY``), or hex if unnamed."""
-    name, _, flag = text.partition(" ")
+    """kvm_exit's ``reason %s%s%s``: a VMX or SVM name (names may hold spaces: ``PF excp``), then
+    `` FAILED_VMENTRY`` for a failed VMX entry, or hex when the value has no name."""
+    name, failed = text.removesuffix(" FAILED_VMENTRY"), text.endswith(" FAILED_VMENTRY")
     value = symbol_value(name, table)
-    if value is None or flag not in ("", "FAILED_VMENTRY"):
+    if value is None:
         return None
-    if flag:
-        value |= VMX_EXIT_REASONS_FAILED_VMENTRY
-    return value & 0xFFFFFFFF  # { -1, "invalid_guest_state" } is the u32 0xffffffff
+    return (value | (VMX_EXIT_REASONS_FAILED_VMENTRY if failed else 0)) & 0xFFFFFFFF  # -1 invalid_guest_state: u32
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,6 +373,7 @@ class ParseStats:
     variants: set = field(default_factory=set)  # PrintFormat.variant labels that matched
     markers: list[tuple[int, str]] = field(default_factory=list)
     filtered_out: int = 0  # event rows of other processes (tgid filter)
+    seen_events: set = field(default_factory=set)  # catalogue events with at least one row
     first_unparsed: str | None = None
 
     @property
@@ -378,15 +381,17 @@ class ParseStats:
         return sum(self.unparsed.values())
 
     def check(self, max_fraction: float = MAX_UNPARSED_FRACTION, source: str = "input") -> None:
-        """Raise TraceFileError when more than ``max_fraction`` of the event lines did not parse."""
+        """Raise TraceFileError when no kvm/kvmmmu event parsed, or more than ``max_fraction`` of the
+        event lines did not parse."""
         attempted = self.events + self.unparsed_total + sum(self.skipped.values()) + self.filtered_out
-        if attempted == 0:
-            raise TraceFileError(f"{source}: no ftrace event lines found (not an ftrace text capture?)")
+        counts = f"{self.lines} lines, {self.unparsed_total} unparsed, {sum(self.skipped.values())} other events"
+        first = f"; first unparsed: {self.first_unparsed[:80]!r}" if self.first_unparsed else ""
+        if self.events + self.filtered_out == 0:
+            raise TraceFileError(f"{source}: no kvm/kvmmmu event lines ({counts}){first}")
         if self.unparsed_total > max_fraction * attempted:
             reasons = ", ".join(f"{r}: {n}" for r, n in self.unparsed.most_common(3))
-            raise TraceFileError(
-                f"{source}: {self.unparsed_total} of {attempted} lines did not parse "
-                f"(more than {max_fraction:.2%}; {reasons}; first: {self.first_unparsed!r})")
+            raise TraceFileError(f"{source}: {self.unparsed_total} of {attempted} lines did not parse, more than "
+                                 f"{max_fraction:.2%} ({reasons}){first}")
 
     def kernel_guess(self) -> str | None:
         """The kernels the print formats point to ('6.18', '6.1-6.12'), None when they do not tell."""
@@ -415,8 +420,12 @@ _NUMPY_TYPES = {f.name: np.dtype(f.type.to_pandas_dtype()) for f in ARROW_SCHEMA
 class TextParser:
     """Parses one text capture chunk by chunk, carrying per-CPU sequence numbers and the stats."""
 
-    def __init__(self, tgid: int | None = None, kernel: str | None = None) -> None:
+    def __init__(self, tgid: int | None = None, kernel: str | None = None, unknown_tgid: int | None = None) -> None:
+        """``tgid``: keep only that process's rows.  ``unknown_tgid``: the process a line with an
+        unrecorded tgid (``(-------)``, a short-lived thread) belongs to, when the capture itself was
+        limited to one process's tasks (tracefs.Capture's set_event_pid)."""
         self.tgid = tgid
+        self.unknown_tgid = unknown_tgid
         self.stats = ParseStats()
         self._seq: Counter = Counter()
         self._vcpu_of_tid: dict[int, int] = {}
@@ -446,7 +455,11 @@ class TextParser:
         body = head.field("body")
         ts = _timestamps(head.field("sec"), head.field("frac"))
         pieces: list[tuple[np.ndarray, Fields, str]] = []
-        for code, name in enumerate(events.dictionary.to_pylist()):
+        names = events.dictionary.to_pylist()
+        # Events printed differently by 6.18 (kvm_exit, kvm_entry) first: seeing them fixes the
+        # RET_PF numbering that fast_page_fault's text needs when no kernel was given.
+        for code in sorted(range(len(names)), key=lambda c: len(FORMATS_BY_EVENT.get(names[c], ())) < 2):
+            name = names[code]
             rows = np.flatnonzero(codes == code)
             if name in _MARKER_EVENTS:
                 self._markers(name, ts[rows], body.take(pa.array(rows)))
@@ -454,6 +467,8 @@ class TextParser:
                 self.stats.skipped[name] += len(rows)
             else:
                 pieces.append(self._decode_event(name, rows, body.take(pa.array(rows))))
+                if self._ctx.ret_pf is None and self.stats.kernel_guess() == "6.18":
+                    self._ctx.ret_pf = RetPfNumbering.V6_12
         tid = pc.cast(head.field("tid"), pa.int64()).to_numpy()
         tgid = pc.cast(pc.if_else(pc.match_substring_regex(head.field("tgid"), r"^\d+$"), head.field("tgid"), None),
                        pa.int64())
@@ -521,6 +536,8 @@ class TextParser:
     def _table(self, pieces: list[tuple[np.ndarray, Fields, str]], ts: np.ndarray, cpu: np.ndarray, seq: np.ndarray,
                tid: np.ndarray, tgid: pa.Array) -> pa.Table:
         """Lay the events' columns out in line order, add the common columns, filter by tgid, sort."""
+        if self.unknown_tgid is not None:
+            tgid = tgid.fill_null(self.unknown_tgid)
         tgid_known = tgid.is_valid().to_numpy(zero_copy_only=False)
         tgid_np = tgid.fill_null(0).to_numpy()
         pid = np.where(tgid_known, tgid_np, tid)
@@ -563,6 +580,7 @@ class TextParser:
                   else pa.nulls(n, f.type) for f in ARROW_SCHEMA]
         table = pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA)
         self.stats.events += n
+        self.stats.seen_events.update(EVENTS[i].name for i in np.unique(event).tolist())
         return sort_table(table)
 
     def _fill_vcpu(self, tid: np.ndarray, vcpu: np.ndarray, has: np.ndarray) -> pa.Array:
@@ -627,9 +645,10 @@ def iter_tables(path: Path, parser: TextParser) -> Iterator[pa.Table]:
             yield table
 
 
-def parse_file(path: Path, tgid: int | None = None, kernel: str | None = None) -> ParsedText:
+def parse_file(path: Path, tgid: int | None = None, kernel: str | None = None,
+               unknown_tgid: int | None = None) -> ParsedText:
     """Parse a whole capture into one table (for captures that fit in memory; import streams)."""
-    parser = TextParser(tgid=tgid, kernel=kernel)
+    parser = TextParser(tgid=tgid, kernel=kernel, unknown_tgid=unknown_tgid)
     tables = list(iter_tables(Path(path), parser))
     table = sort_table(pa.concat_tables(tables)) if tables else ARROW_SCHEMA.empty_table()
     return ParsedText(table, parser.stats)
@@ -639,3 +658,58 @@ def parse_text(text: str, tgid: int | None = None, kernel: str | None = None) ->
     """Parse text held in memory (tests, small captures)."""
     parser = TextParser(tgid=tgid, kernel=kernel)
     return ParsedText(parser.parse_chunk(text), parser.stats)
+
+
+# --------------------------------------------------------------------------------------------
+# mmutrace import
+# --------------------------------------------------------------------------------------------
+
+
+def import_file(source: Path, output: Path, *, kernel: str | None = None,
+                max_unparsed: float = MAX_UNPARSED_FRACTION, force: bool = False) -> dict[str, Any]:
+    """Convert a text capture into a trace file; returns the file's metadata.
+
+    The file is written under a temporary name and renamed into place only when the whole input
+    parsed within ``max_unparsed``: a failed import leaves no output behind.  What the text lacks
+    (the bcc recorder's inputs, role bits outside ROLE_KNOWN_MASK) is null / flagged in the metadata.
+    """
+    source, output = Path(source), Path(output)
+    storage.check_output(output, force)
+    if not source.is_file():
+        raise TraceFileError(f"{source}: no such file")
+    tmp = output.with_name(f".{output.name}.import-{os.getpid()}")
+    parser = TextParser(kernel=kernel)
+    try:
+        with storage.TraceWriter(tmp, {"recorder": "import"}, force=True) as writer:
+            for table in iter_tables(source, parser):
+                writer.write_batch(table)
+            stats = parser.stats
+            stats.check(max_unparsed, str(source))
+            writer.update_metadata(**_import_metadata(source, stats, kernel, writer.metadata))
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        shutil.rmtree(storage.partial_dir(tmp), ignore_errors=True)
+        raise
+    return storage.open_trace(output).metadata
+
+
+def _import_metadata(source: Path, stats: ParseStats, kernel: str | None, current: dict[str, Any]) -> dict[str, Any]:
+    seen = sorted(stats.seen_events)
+    return {
+        "kernel_release": kernel or stats.kernel_guess(),
+        "import_source": {
+            "path": str(source.resolve()),
+            "format": stats.text_format.value,
+            "lines": stats.lines,
+            "events": stats.events,
+            "unparsed": dict(stats.unparsed),
+            "skipped": dict(stats.skipped),
+            "kernel_release_from": "--kernel" if kernel else "print formats" if stats.kernel_guess() else None,
+            "print_format_variants": sorted(stats.variants),
+        },
+        "role_known_mask": ROLE_KNOWN_MASK,
+        "event_inputs": {name: [] for name in seen},
+        "markers": [{"ts_ns": ts, "text": text} for ts, text in stats.markers],
+        "lost": {str(cpu): n for cpu, n in sorted(stats.lost_by_cpu.items())},
+    }

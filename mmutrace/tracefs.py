@@ -170,7 +170,7 @@ class Capture:
 
     instance: Path = field(init=False)
     enabled: tuple[tuple[str, str], ...] = field(init=False, default=())
-    lost_by_cpu: dict[int, int] = field(init=False, default_factory=dict)
+    kernel_lost: dict[int, int] = field(init=False, default_factory=dict)  # per_cpu/cpuN/stats
     start_ns: int = field(init=False, default=0)
     stop_ns: int = field(init=False, default=0)
     _own_text: bool = field(init=False, default=False)
@@ -231,9 +231,11 @@ class Capture:
         _write(inst / "trace_clock", TRACE_CLOCK)
         _write(inst / "buffer_size_kb", str(self.buffer_kb))
         _write(inst / "options" / "record-tgid", "1")
-        if (inst / "options" / "hash-ptr").exists():
+        if (inst / "options" / "hash-ptr").exists() and not os.uname().release.startswith("6.1."):
             # %p fields (sptep of fast_page_fault/mark_mmio_spte) print the real address, so they
-            # identify the same SPTE as the bcc recorder's sptep.
+            # identify the same SPTE as the bcc recorder's sptep.  Not on 6.1: there hash-ptr=0
+            # prints kvm_mmu_get_page/set_spte/prepare_zap and kvm_exit's reason as empty text
+            # (seen in the nested lab, Debian 6.1.0-56; `mmutrace lab`).
             _write(inst / "options" / "hash-ptr", "0")
         if self.tgid is not None:
             tids = [p.name for p in Path(f"/proc/{self.tgid}/task").glob("*")] or [str(self.tgid)]
@@ -293,7 +295,7 @@ class Capture:
         self._stop.set()
         self._reader.join()
         self._reader = None
-        self.lost_by_cpu = self._read_loss()
+        self.kernel_lost = self._read_loss()
         if self._reader_error is not None:
             raise HostError(f"reading {self.instance}/trace_pipe failed: {self._reader_error}")
 
@@ -319,7 +321,9 @@ class Capture:
         if self._parsed is None:
             from mmutrace import ftrace_text
 
-            self._parsed = ftrace_text.parse_file(self.text_path, tgid=self.tgid)
+            # With tgid, the kernel recorded only that process's tasks: a line whose tgid it did
+            # not save (a thread that exited early) is still the process's.
+            self._parsed = ftrace_text.parse_file(self.text_path, tgid=self.tgid, unknown_tgid=self.tgid)
         return self._parsed
 
     def table(self) -> pa.Table:
@@ -331,11 +335,16 @@ class Capture:
         return self.parsed().markers
 
     @property
+    def lost_by_cpu(self) -> dict[int, int]:
+        """Events the kernel dropped per CPU: the larger of its counters (overrun, commit overrun,
+        dropped events) and the text's ``CPU:N [LOST M EVENTS]`` lines, so loss is never under-reported."""
+        text_lost = self.parsed().lost_by_cpu
+        cpus = sorted(set(self.kernel_lost) | set(text_lost))
+        return {c: max(self.kernel_lost.get(c, 0), text_lost.get(c, 0)) for c in cpus}
+
+    @property
     def lost(self) -> int:
-        """Events the kernel dropped: the larger of its per-CPU counters and the text's LOST lines."""
-        text_lost = self.parsed().lost_by_cpu if self.text_path and self.text_path.exists() else {}
-        cpus = set(self.lost_by_cpu) | set(text_lost)
-        return sum(max(self.lost_by_cpu.get(c, 0), text_lost.get(c, 0)) for c in cpus)
+        return sum(self.lost_by_cpu.values())
 
     def cleanup(self) -> None:
         """Delete the text file when the Capture made it (a temporary file)."""
