@@ -257,5 +257,14 @@ METADATA_KEYS: dict[str, str] = {
 }
 
 
-if __name__ == "__main__":  # regenerates the catalogue table of docs/schema.md
-    print(event_catalogue_markdown(), end="")
+
+def metadata_keys_markdown() -> str:
+    """The metadata keys as the Markdown table docs/schema.md embeds (a test keeps them equal)."""
+    lines = ["| key | value |", "|---|---|"]
+    lines += [f"| `{key}` | {text.replace('|', '&#124;')} |" for key, text in METADATA_KEYS.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # regenerates the generated tables of docs/schema.md
+    print(event_catalogue_markdown())
+    print(metadata_keys_markdown(), end="")

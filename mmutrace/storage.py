@@ -243,8 +243,17 @@ def _parquet_writer(path: Path, metadata: dict[bytes, bytes]) -> pq.ParquetWrite
     )
 
 
+def _json_value(value: object) -> object:
+    """numpy scalars and paths, which producers naturally hand over, as their JSON equivalents."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"metadata value {value!r} ({type(value).__name__}) is not JSON")
+
+
 def _metadata_bytes(metadata: Mapping[str, Any]) -> bytes:
-    return json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps(metadata, sort_keys=True, separators=(",", ":"), default=_json_value).encode()
 
 
 @dataclass(frozen=True)
@@ -380,12 +389,14 @@ class TraceWriter:
         reorder_window_ns: int = 200_000_000,
         flush_interval_s: float = 1.0,
     ) -> None:
+        self._metadata: dict[str, Any] = {
+            **json.loads(_metadata_bytes(metadata)), "schema_version": schema.SCHEMA_VERSION, "complete": False
+        }
         self.path = check_output(path, force)
         self._partial = partial_dir(self.path)
         if force:
             shutil.rmtree(self._partial, ignore_errors=True)
         self._partial.mkdir()
-        self._metadata: dict[str, Any] = {**metadata, "schema_version": schema.SCHEMA_VERSION, "complete": False}
         self._row_group_rows = row_group_rows
         self._window_ns = reorder_window_ns
         self._flush_interval_s = flush_interval_s
@@ -429,7 +440,7 @@ class TraceWriter:
         """Merge ``items`` into the metadata (top-level keys replace); ``lost`` also sets ``lost_total``."""
         if "lost" in items and "lost_total" not in items:
             items["lost_total"] = sum(int(v) for v in items["lost"].values())
-        self._metadata.update(items)
+        self._metadata.update(json.loads(_metadata_bytes(items)))  # plain JSON values, or TypeError here
 
     @property
     def metadata(self) -> dict[str, Any]:
