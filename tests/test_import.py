@@ -68,11 +68,6 @@ SP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("event,body,expected", SP_CASES)
-def test_shadow_page_events(event: str, body: str, expected: dict) -> None:
-    assert fields(body, event) == expected
-
-
 def test_role_bits_follow_the_union_layout() -> None:
     """Each printed part lands on its kvm_mmu_page_role bit (reference section 2)."""
     base = dict(level=0, gpte_bytes=8, quadrant=0, direct=False, access=0, invalid=False, nxe=False, ad=True)
@@ -111,11 +106,6 @@ MMU_CASES = [
     ("check_mmio_spte", "spte 8000000c00000ba6 kvm_gen 17 spte-gen 16 valid 0",
      {"spte": 0x8000000C00000BA6, "kvm_gen": 0x17, "gen": 0x16}),
 ]
-
-
-@pytest.mark.parametrize("event,body,expected", MMU_CASES)
-def test_mmu_events(event: str, body: str, expected: dict) -> None:
-    assert fields(body, event) == expected
 
 
 FAST_PF = ("vcpu 1 gva 7f001000 error_code P|W sptep ffff888101234008 old 0x6000000001234a75 "
@@ -190,8 +180,8 @@ KVM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("event,body,expected", KVM_CASES)
-def test_kvm_events(event: str, body: str, expected: dict) -> None:
+@pytest.mark.parametrize("event,body,expected", SP_CASES + MMU_CASES + KVM_CASES)
+def test_print_formats_decode_exactly(event: str, body: str, expected: dict) -> None:
     assert fields(body, event) == expected
 
 

@@ -1,0 +1,104 @@
+"""`mmutrace doctor` and hostinfo on this host: every fact is compared with what /sys says."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmutrace import doctor, hostinfo
+from mmutrace.schema import EVENTS
+
+
+def run_doctor(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from mmutrace.cli import main; main()", "doctor", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def sys_param(module: str, name: str) -> str:
+    return Path(f"/sys/module/{module}/parameters/{name}").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    proc = run_doctor("--json")
+    assert proc.stdout.count("\n") == 1, "--json prints one object on one line"
+    return {"rc": proc.returncode, **json.loads(proc.stdout)}
+
+
+@pytest.mark.kvm
+def test_doctor_json_on_this_host(report: dict) -> None:
+    status = {c["name"]: c["status"] for c in report["checks"]}
+    for name in ("root", "/dev/kvm", "tracefs", "kvm events", "kvmmmu events", "kernel BTF"):
+        assert status[name] == "ok", name
+    host = report["host"]
+    vendor = next(m for m in hostinfo.KVM_VENDOR_MODULES if Path(f"/sys/module/{m}").is_dir())
+    assert host["kvm_backend"] == vendor
+    assert host["kvm_params"]["tdp_mmu"] == sys_param("kvm", "tdp_mmu")
+    assert host["tdp_mmu"] is (sys_param("kvm", "tdp_mmu") == "Y")
+    assert host["kvm_params"] == {p.name: p.read_text().strip() for p in Path("/sys/module/kvm/parameters").iterdir()}
+    assert set(host["vendor_params"]) == {p.name for p in Path(f"/sys/module/{vendor}/parameters").iterdir()}
+    assert host["kernel_release"] == os.uname().release
+    assert status["kvm.tdp_mmu"] == "ok"
+
+
+@pytest.mark.bcc
+def test_doctor_exits_0_when_recording_works(report: dict) -> None:
+    assert report["ok"] is True and report["rc"] == 0
+    assert {c["name"]: c["status"] for c in report["checks"]}["bcc compiles and loads"] == "ok"
+
+
+@pytest.mark.kvm
+def test_non_upstream_parameters_are_flagged(report: dict) -> None:
+    flagged = {c["name"]: c["detail"] for c in report["checks"] if c["status"] == "warning"}
+    kvm = hostinfo.module_params("kvm")
+    non_upstream = sorted(set(kvm) - hostinfo.UPSTREAM_KVM_PARAMS)
+    for name in non_upstream:
+        assert f"{name}={kvm[name]}" in flagged["kvm non-upstream parameters"]
+    assert report["host"]["non_upstream_params"][: len(non_upstream)] == [f"kvm.{n}" for n in non_upstream]
+    if report["host"]["kvm_backend"] in hostinfo.NON_UPSTREAM_VENDOR_MODULES:
+        assert "KVM vendor module" in flagged
+
+
+@pytest.mark.kvm
+def test_events_rows_compare_with_the_catalogue() -> None:
+    rows = {c.name: c for c in doctor.check_events()}
+    present = set(os.listdir("/sys/kernel/tracing/events/kvmmmu"))
+    wanted = {e.name for e in EVENTS if e.group == "kvmmmu"}
+    row = rows["kvmmmu events"]
+    assert (row.status is doctor.Status.OK) == wanted.issubset(present)
+    assert str(len(wanted)) in row.detail
+
+
+def test_text_table_and_exit_code_agree() -> None:
+    proc = run_doctor()
+    assert "root" in proc.stdout and "tracefs" in proc.stdout
+    works = "recording can work on this host" in proc.stdout
+    assert proc.returncode == (0 if works else 1)
+
+
+def test_report_fails_when_a_required_check_is_missing() -> None:
+    ok = doctor.Check("root", doctor.Status.OK, "")
+    missing = doctor.Check("bcc importable", doctor.Status.MISSING, "", "apt-get install python3-bpfcc")
+    warning = doctor.Check("kvm non-upstream parameters", doctor.Status.WARNING, "", required=False)
+    assert doctor.Report([ok, warning], {}).recording_works
+    assert not doctor.Report([ok, missing], {}).recording_works
+    assert doctor.Report([ok, missing], {}).as_json()["checks"][1] == {
+        "name": "bcc importable", "status": "missing", "detail": "", "fix": "apt-get install python3-bpfcc",
+        "required": True}
+
+
+def test_bcc_kernel_source_prefers_the_build_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hostinfo, "HEADER_CACHE", tmp_path)
+    release = "0.0.0-none"
+    assert hostinfo.bcc_kernel_source(release) is None
+    (tmp_path / f"headers-{release}" / "include").mkdir(parents=True)
+    assert hostinfo.bcc_kernel_source(release) == tmp_path / f"headers-{release}"
+
+
+def test_param_bool() -> None:
+    assert [hostinfo.param_bool(v) for v in ("Y", "N", "1", "0", "200", None)] == [True, False, True, False, None, None]
