@@ -67,7 +67,7 @@ PARAM_EFFECTS: dict[str, frozenset[str]] = {
 }
 
 #: Columns the engine reads (the rest of the schema is never loaded).
-READ_COLUMNS = ["ts_ns", "cpu", "tid", "vm", "vcpu", "event", "gfn", "level", "role", "root_count",
+READ_COLUMNS = ["ts_ns", "cpu", "seq", "tid", "vm", "vcpu", "event", "gfn", "level", "role", "root_count",
                 "mmu_valid_gen", "unsync", "created", "spte", "sptep", "pfn", "addr", "end", "error_code",
                 "mmu_used", "mmu_max", "map_writable", "req_level", "count", "slot_id", "slot_base_gfn",
                 "slot_npages", "slot_hva", "slot_flags", "cr0", "cr3", "cr4", "efer", "ret", "old_spte",
@@ -191,6 +191,8 @@ class Thread:
     fault_started: bool = False
     fault_reason: str | None = None  # every prediction of this fault is undecidable for this reason
     pending: deque = field(default_factory=deque)
+    #: Predictions of this episode already judged extra (a later recorded twin is then "missing").
+    extras: list = field(default_factory=list)
     context: str | None = None  # why unexplained decisions on this thread are undecidable
     prefetch_sp: ShadowPage | None = None
     reclaimed_unknown_quota: bool = False
@@ -416,6 +418,7 @@ class VmReplay:
         while t.pending:
             self.verdict_extra(t, t.pending.popleft(), row)
         t.walk = None
+        t.extras.clear()
         t.fault = t.fault_waiting = None
         t.fault_started = False
         t.fault_reason = None
@@ -457,12 +460,12 @@ class VmReplay:
             self.unexplained(t, ev, row)
             return
         for _ in range(idx):
-            self.verdict_extra(t, t.pending.popleft(), row)
+            t.extras.append(self.verdict_extra(t, t.pending.popleft(), row))
         d = t.pending.popleft()
-        self.record_model(d, row)
         if d.undecidable:
             self.undecided(t, ev, row, d.undecidable)
             return
+        self.record_model(d, row)
         diff = self.compare(d, row)
         if ev == "kvm_mmu_set_spte" and isinstance(d.subject, tuple) and "sptep_offset" not in diff:
             self.shadow.learn_spt_page(d.subject[0], row["sptep"])
@@ -485,6 +488,8 @@ class VmReplay:
                 first_kind = i
             if self.identity(d) == ident:
                 return i
+        if any(d is not None and d.event == ev and self.identity(d) == ident for d in t.extras):
+            return None  # predicted earlier and judged extra: the kernel did it later (order)
         return first_kind
 
     def identity(self, d: Decision) -> tuple:
@@ -570,18 +575,23 @@ class VmReplay:
         self.take_predictions(t)
 
     def undecided(self, t: Thread, ev: str, row: dict[str, Any], reason: str) -> None:
+        """Count an undecidable decision and adopt the kernel's outcome (also as the model's event)."""
         self.result.count(KIND[ev], "undecidable")
+        adopted = {c: row.get(c) for c in COMPARED[ev] if c != "sptep_offset"}
+        self.record_model(Decision(ev, adopted, "adopted"), row)
         self.result.undecidable_reasons[reason] += 1
         self.result.adopted += 1
         self.shadow.adopt(ev, row, t.vcpu, self.role_mask)
         self.tp.drain()
 
-    def verdict_extra(self, t: Thread, d: Decision, row: dict[str, Any]) -> None:
+    def verdict_extra(self, t: Thread, d: Decision, row: dict[str, Any]) -> Decision | None:
+        """Judge a prediction the kernel did not make (at ``row``, the event being handled)."""
         if d.undecidable:
-            return  # the kernel need not have made an undecidable decision: nothing to judge
+            return None  # the kernel need not have made an undecidable decision: nothing to judge
         self.result.count(d.kind, "extra")
         self.record_model(d, row)
         self.divergence("extra", d.event, dict(d.values), None, row, t, d.twin, d)
+        return d
 
     # ---- output
 
@@ -608,7 +618,7 @@ class VmReplay:
         if isinstance(subject, ShadowPage):
             context["model_page"] = self.shadow.describe(subject)
         self.result.divergences.append({
-            "ts_ns": row["ts_ns"], "verdict": verdict, "kind": KIND[ev], "event": ev,
+            "ts_ns": row["ts_ns"], "cpu": row["cpu"], "seq": row.get("seq"), "verdict": verdict, "kind": KIND[ev], "event": ev,
             "expected": _jsonable(expected), "actual": _jsonable(actual), "context": context})
 
 

@@ -227,11 +227,6 @@ class KvmMmu:
 
     # ---- quota
 
-    def kvm_mmu_available_pages(self) -> int | None:
-        if self.arch.n_max_mmu_pages is None:
-            return None
-        return max(self.arch.n_max_mmu_pages - self.arch.n_used_mmu_pages, 0)
-
     def kvm_mmu_change_mmu_pages(self, goal: int) -> None:
         """Shrink to ``goal`` by zapping the oldest pages, then set the maximum."""
         if self.arch.n_used_mmu_pages > goal:

@@ -181,7 +181,7 @@ class ShadowMmu:
         invalid_list: list[ShadowPage] = []
         found = None
         for sp in self.for_each_valid_sp(gfn):
-            if sp.role != role:
+            if not self.role_word_equal(sp.role, role):
                 if self.layout.get(role, "level") > 1 and sp.unsync:
                     self.kvm_mmu_prepare_zap_page(sp, invalid_list)
                 continue
@@ -193,6 +193,11 @@ class ShadowMmu:
             break
         self.kvm_mmu_commit_zap_page(invalid_list)
         return found
+
+    @staticmethod
+    def role_word_equal(a: int, b: int) -> bool:
+        """The hash key compares the whole role word (``sp->role.word != role.word``)."""
+        return a == b
 
     def kvm_mmu_alloc_shadow_page(self, gfn: int, role: int) -> ShadowPage:
         sp = ShadowPage(gfn, role, self.arch.mmu_valid_gen)
@@ -606,15 +611,19 @@ class ShadowMmu:
 
     def make_mmu_pages_available(self, vcpu: VcpuMmu) -> int:
         """Reclaim down to KVM_REFILL_PAGES free when fewer than KVM_MIN_FREE_MMU_PAGES are left."""
-        if self.arch.n_max_mmu_pages is None:
-            return 0  # quota unknown: a reclaim shows up as undecidable zaps (R_QUOTA)
-        avail = max(self.arch.n_max_mmu_pages - self.arch.n_used_mmu_pages, 0)
-        if avail >= KVM_MIN_FREE_MMU_PAGES:
-            return 0
+        avail = self.kvm_mmu_available_pages()
+        if avail is None or avail >= KVM_MIN_FREE_MMU_PAGES:
+            return 0  # (quota unknown: a reclaim shows up as undecidable zaps, R_QUOTA)
         self.kvm_mmu_zap_oldest_mmu_pages(KVM_REFILL_PAGES - avail)
-        if not max(self.arch.n_max_mmu_pages - self.arch.n_used_mmu_pages, 0):
+        if not self.kvm_mmu_available_pages():
             return -28  # -ENOSPC
         return 0
+
+    def kvm_mmu_available_pages(self) -> int | None:
+        """n_max - n_used, floored at 0; None while the trace has not told the quota."""
+        if self.arch.n_max_mmu_pages is None:
+            return None
+        return max(self.arch.n_max_mmu_pages - self.arch.n_used_mmu_pages, 0)
 
     def kvm_mmu_zap_oldest_mmu_pages(self, nr_to_zap: int) -> int:
         """From the tail (oldest) toward the head, skipping roots in use; stop at >= nr_to_zap."""
@@ -623,7 +632,7 @@ class ShadowMmu:
         restart = True
         while restart:
             restart = False
-            for sp in list(self.active_mmu_pages):
+            for sp in self.active_mmu_pages_from_tail():
                 if sp not in self.active_mmu_pages:
                     continue
                 if sp.root_count:
@@ -637,6 +646,10 @@ class ShadowMmu:
                     break
         self.kvm_mmu_commit_zap_page(invalid_list)
         return total
+
+    def active_mmu_pages_from_tail(self) -> list[ShadowPage]:
+        """list_for_each_entry_safe_reverse over active_mmu_pages: oldest first (a snapshot)."""
+        return list(self.active_mmu_pages)
 
     # ------------------------------------------------------------------ zapping
 
@@ -723,7 +736,7 @@ class ShadowMmu:
         restart = True
         while restart:
             restart = False
-            for sp in list(self.active_mmu_pages):
+            for sp in self.active_mmu_pages_from_tail():
                 if sp not in self.active_mmu_pages:
                     continue
                 if not self.is_obsolete_sp(sp):

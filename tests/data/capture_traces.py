@@ -19,11 +19,38 @@ import numpy as np
 
 from mmutrace import schema
 from mmutrace.hostinfo import host_metadata
+from mmutrace.kvm import OP_READ, OP_WRITE, PAGE_SIZE, commands
+from mmutrace.kvm.paging import PT64_ADDR_MASK, Pte
 from mmutrace.scenarios import run_scenario
+from mmutrace.scenarios.base import Scenario, ScenarioRun, page_addrs, pt_pages_for
 from mmutrace.storage import TraceWriter
 from mmutrace.tracefs import Capture
 
-DEFAULT = {"touch": 256, "pt_rewrite": 64, "cr3_switch": 4, "unmap_refault": 64, "memslot_churn": 64,
+def alias_body(ctx: ScenarioRun) -> None:
+    """One guest page-directory-pointer table reached through two PML4 entries, the second
+    read-only: the shadow MMU needs two shadow pages per table below (same gfn, roles differing in
+    ``access``), so a hash lookup that ignored a role bit would reuse the wrong one."""
+    n = ctx.size
+    guest = ctx.new_guest(pt_pages_for(n * PAGE_SIZE))
+    aspace = guest.new_address_space()
+    ctx.data_memslot(aspace, n * PAGE_SIZE)
+    root = aspace.pool.table(aspace.cr3)
+    root[ALIAS_PML4] = np.uint64((int(root[0]) & PT64_ADDR_MASK) | int(Pte.PRESENT | Pte.USER))
+    vcpu = guest.add_vcpu(aspace)
+    pages = page_addrs(range(n))
+    ctx.phase("direct")
+    guest.run(vcpu, commands(OP_READ, pages))
+    ctx.phase("alias")
+    guest.run(vcpu, commands(OP_READ, pages + np.uint64(ALIAS_PML4 << 39)))
+    ctx.phase("write")
+    guest.run(vcpu, commands(OP_WRITE, pages, 1))
+
+
+ALIAS_PML4 = 1
+ALIAS = Scenario(name="alias", doc="one PDPT behind a writable and a read-only PML4 entry", default_size=32,
+                 size_unit="pages", min_size=1, max_size=4096, body=alias_body)
+
+DEFAULT = {"alias": 32, "touch": 256, "pt_rewrite": 64, "cr3_switch": 4, "unmap_refault": 64, "memslot_churn": 64,
            "dirty_log": 64, "mmu_pages_limit": 256, "hugepages": 8, "mmio": 32, "multi_vcpu": 128}
 
 
@@ -42,7 +69,7 @@ def zero_pfn() -> int:
 
 def capture(name: str, size: int, out: Path) -> Path:
     with Capture(tgid=os.getpid()) as cap:
-        result = run_scenario(name, seed=1, size=size)
+        result = ALIAS.run(1, size) if name == "alias" else run_scenario(name, seed=1, size=size)
     table = cap.table()
     lost = {str(cpu): n for cpu, n in cap.lost_by_cpu.items()}
     meta = {**host_metadata(), "schema_version": schema.SCHEMA_VERSION, "recorder": "tracefs", "origin": "host",
