@@ -8,7 +8,7 @@ through three stages:
    older than the newest timestamp minus the window.
 2. Released rows become *segments*: complete small Parquet files (one row group each, carrying the
    metadata so far) in the hidden sibling directory ``.NAME.parquet.partial/``.  A SIGKILL loses
-   only what was not yet released (at most about one row group).
+   only what was not yet released: the rows inside the window, never more than two row groups.
 3. ``close`` merges the segments, each sorted, into the final file with an exact k-way merge that
    keeps only overlapping segments in memory, writes it under a temporary name, renames it into place
    and removes the segments.  Rows that arrive later than the window are therefore still placed
@@ -72,8 +72,9 @@ _BYTE_STREAM_SPLIT_COLUMNS = tuple(
     f.name for f in schema.ARROW_SCHEMA
     if pa.types.is_integer(f.type) and f.type.bit_width == 64 and f.name not in _DELTA_COLUMNS
 )
-#: Row groups' worth of rows the reorder window may hold before the oldest are released anyway.
-_MAX_HELD_GROUPS = 8
+#: Row groups' worth of rows the reorder window may hold before the oldest are released anyway:
+#: bounds the writer's memory and what a SIGKILL can lose (held rows are not on disk yet).
+_MAX_HELD_GROUPS = 2
 _ZSTD_LEVEL = 3  # levels 6-12 gain <1% on trace data and cost up to 5x the time
 
 
@@ -416,6 +417,8 @@ class TraceWriter:
 
     def write_batch(self, batch: pa.RecordBatch | pa.Table | Mapping[str, Any]) -> None:
         """Accept events in any order; rows are released to disk once older than the window."""
+        if self._closed:
+            raise ValueError(f"write_batch on the closed writer of {self.path}")
         table = to_table(batch)
         if not table.num_rows:
             return

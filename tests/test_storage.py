@@ -416,6 +416,8 @@ def test_final_file_never_appears_before_it_is_whole(tmp_path: Path) -> None:
     assert writer.events_written == 500
     writer.close()
     assert storage.open_trace(path).num_rows == 500
+    with pytest.raises(ValueError, match="closed"):
+        writer.write_batch(shadow_fault_stream(1))
 
 
 # --------------------------------------------------------------------------------------------
