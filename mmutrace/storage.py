@@ -179,7 +179,7 @@ def to_table(batch: pa.RecordBatch | pa.Table | Mapping[str, Any]) -> pa.Table:
         elif field.name == "event":
             arrays.append(_event_column(values))
         elif isinstance(values, (pa.Array, pa.ChunkedArray)):
-            arrays.append(values.cast(field.type))
+            arrays.append(values if values.type == field.type else values.cast(field.type))
         else:
             arrays.append(pa.array(values, field.type))
         if len(arrays[-1]) != rows:
