@@ -462,11 +462,13 @@ class VmReplay:
         for _ in range(idx):
             t.extras.append(self.verdict_extra(t, t.pending.popleft(), row))
         d = t.pending.popleft()
+        diff = self.compare(d, row)
         if d.undecidable:
-            self.undecided(t, ev, row, d.undecidable)
+            # The model already applied its own guess; the kernel's outcome replaces it only where
+            # they differ.
+            self.undecided(t, ev, row, d.undecidable, adopt=bool(diff))
             return
         self.record_model(d, row)
-        diff = self.compare(d, row)
         if ev == "kvm_mmu_set_spte" and isinstance(d.subject, tuple) and "sptep_offset" not in diff:
             self.shadow.learn_spt_page(d.subject[0], row["sptep"])
         if diff:
@@ -574,15 +576,16 @@ class VmReplay:
             return
         self.take_predictions(t)
 
-    def undecided(self, t: Thread, ev: str, row: dict[str, Any], reason: str) -> None:
+    def undecided(self, t: Thread, ev: str, row: dict[str, Any], reason: str, adopt: bool = True) -> None:
         """Count an undecidable decision and adopt the kernel's outcome (also as the model's event)."""
         self.result.count(KIND[ev], "undecidable")
         adopted = {c: row.get(c) for c in COMPARED[ev] if c != "sptep_offset"}
         self.record_model(Decision(ev, adopted, "adopted"), row)
         self.result.undecidable_reasons[reason] += 1
-        self.result.adopted += 1
-        self.shadow.adopt(ev, row, t.vcpu, self.role_mask)
-        self.tp.drain()
+        if adopt:
+            self.result.adopted += 1
+            self.shadow.adopt(ev, row, t.vcpu, self.role_mask)
+            self.tp.drain()
 
     def verdict_extra(self, t: Thread, d: Decision, row: dict[str, Any]) -> Decision | None:
         """Judge a prediction the kernel did not make (at ``row``, the event being handled)."""

@@ -788,7 +788,7 @@ class ShadowMmu:
         """Apply a recorded, undecidable outcome to the model state so later decisions start right."""
         if event == "kvm_mmu_get_page":
             sp = self.find_sp(row["gfn"], row["role"], mask)
-            if sp is None or (row.get("created") and sp.root_count == 0 and sp is not (vcpu and vcpu.root)):
+            if sp is None:
                 sp = self.kvm_mmu_alloc_shadow_page(row["gfn"], row["role"] & ~(1 << 11))
             if vcpu is not None and self.layout.get(row["role"], "level") == (vcpu.cpu_role.root_level):
                 if vcpu.root is not sp:
