@@ -19,11 +19,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from mmutrace.errors import HostError, UsageError
 from mmutrace.schema import EVENTS, TRACEFS_GROUPS
+
+if TYPE_CHECKING:  # ftrace_text imports this module
+    from mmutrace.ftrace_text import ParsedText
 
 TRACEFS = Path("/sys/kernel/tracing")
 #: The clock every mmutrace capture uses: CLOCK_MONOTONIC, as bpf_ktime_get_ns().
@@ -177,7 +181,7 @@ class Capture:
     _reader: threading.Thread | None = field(init=False, default=None)
     _stop: threading.Event = field(init=False, default_factory=threading.Event)
     _reader_error: BaseException | None = field(init=False, default=None)
-    _parsed: object = field(init=False, default=None)
+    _parsed: ParsedText | None = field(init=False, default=None)
 
     # ---- set-up and tear-down
 
@@ -314,7 +318,7 @@ class Capture:
         """The instance's trace_marker: phase markers written here land in this capture only."""
         return self.instance / "trace_marker"
 
-    def parsed(self):  # -> ftrace_text.ParsedText (imported lazily: ftrace_text imports this module)
+    def parsed(self) -> ParsedText:
         """The captured text, parsed once (after the block has ended)."""
         if self._reader is not None:
             raise UsageError("a Capture's results are available after its with-block ends")
