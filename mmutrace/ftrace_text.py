@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from mmutrace import storage
 from mmutrace.errors import HostError, TraceFileError
 from mmutrace.schema import ARROW_SCHEMA, EVENTS, EVENTS_BY_NAME, SORT_COLUMNS
-from mmutrace.tracefs import parse_format, read_format
+from mmutrace.tracefs import TRACEFS, parse_format, read_format
 
 #: Default limit on unparsed lines, as a fraction of the event lines (``mmutrace import --max-unparsed``).
 MAX_UNPARSED_FRACTION = 0.01
@@ -122,7 +122,7 @@ def symbol_table(event: str) -> dict[str, int]:
     6.1's and 6.12's tables), extended by the running kernel's when it has the event."""
     table = parse_format((_BUNDLED_FORMATS / f"kvm.{event}.format").read_text()).symbols()
     try:
-        table |= read_format("kvm", event).symbols()
+        table |= read_format("kvm", event, root=TRACEFS).symbols()  # never mounts: import needs no root
     except (HostError, OSError):
         pass  # importing on a host without KVM or tracefs: the bundled table is complete up to 6.18
     return table

@@ -226,6 +226,31 @@ def test_header_forms() -> None:
     assert parsed.table.num_rows == 1 and parsed.stats.unparsed_total == 0
 
 
+def test_trace_cmd_report() -> None:
+    """trace-cmd report: preamble, padded event names, ``print`` markers, dropped-event notes."""
+    report = "\n".join([
+        "version = 6",
+        "cpus=2",
+        "       qemu-kvm-4711  [001]  5678.123456: print:                tracing_mark_write: phase one",
+        "       qemu-kvm-4711  [001]  5678.123460: kvm_mmu_get_page:     sp gen 0 gfn 28 l4 8-byte q0 wux nxe ad "
+        "root 0 sync new",
+        "CPU:0 [12 EVENTS DROPPED]",
+        "       qemu-kvm-4712  [000]  5678.123461: kvm_userspace_exit:   reason KVM_EXIT_IO (2)",
+        "CPU 1 is empty",
+    ]) + "\n"
+    parsed = ft.parse_text(report)
+    assert parsed.stats.text_format is ft.TextFormat.TRACE_CMD and parsed.stats.unparsed_total == 0
+    assert parsed.markers == [(5678123456000, "phase one")]
+    assert parsed.stats.lost_by_cpu == {0: 12}
+    rows = [{k: v for k, v in r.items() if v is not None} for r in parsed.table.to_pylist()]
+    assert rows == [
+        {"ts_ns": 5678123460000, "cpu": 1, "seq": 1, "pid": 4711, "tid": 4711, "event": "kvm_mmu_get_page",
+         "mmu_valid_gen": 0, "gfn": 0x28, "role": 0x1704, "root_count": 0, "unsync": False, "created": True},
+        {"ts_ns": 5678123461000, "cpu": 0, "seq": 0, "pid": 4712, "tid": 4712, "event": "kvm_userspace_exit",
+         "exit_reason": 2, "ret": 0},
+    ]
+
+
 def test_seq_is_the_index_within_each_cpu_and_vcpu_follows_the_thread() -> None:
     lines = [
         "  t-10 (  10) [000] .... 1.000001: kvm_entry: vcpu 2, rip 0x1000",
