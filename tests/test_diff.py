@@ -188,6 +188,28 @@ def test_human_output_and_exit_status(runs: dict[str, Path]) -> None:
     assert other.exit_code == 1 and "#0 " in other.stdout and "#1 " not in other.stdout and "more" in other.stdout
 
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_trace_against_its_replay_differs_only_by_what_replay_could_not_decide() -> None:
+    """The model makes every decidable decision the kernel made: the only decisions the trace may have
+    and the replay lack are the undecidable ones (adopted from the kernel, not the model's own)."""
+    for trace in (EXAMPLES / "mmu_pages_limit.parquet", EXAMPLES / "pt_rewrite.parquet"):
+        code, out = diff_json(trace, "--model", "kernel")
+        replay = json.loads(CliRunner().invoke(app, ["replay", str(trace), "--json"]).stdout)
+        assert replay["mismatched"] == replay["missing"] == replay["extra"] == 0
+        assert out["faults_a"] == out["faults_b"] == out["common"] > 0 and out["differing"] == 0
+        assert all(kind.endswith(".only_a") for kind in out["by_kind"])
+        assert sum(out["by_kind"].values()) <= replay["undecidable"] and code == int(bool(out["by_kind"]))
+
+
+def test_split_pre_and_rfc_agree_on_a_shadow_mmu_trace() -> None:
+    """On the shadow MMU both dispatchers reclaim on every fault: the two replays are equivalent."""
+    code, out = diff_json(EXAMPLES / "mmu_pages_limit.parquet", "--model", "pre", "--model", "rfc")
+    assert code == 0 and out["equivalent"] and out["faults_a"] == out["faults_b"] > 0
+    assert out["outside_faults"]["a"] == out["outside_faults"]["b"] > 0
+
+
 def test_bad_input_is_one_line_and_status_2(tmp_path: Path) -> None:
     not_a_trace = tmp_path / "x.parquet"
     not_a_trace.write_text("not parquet")

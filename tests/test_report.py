@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -49,20 +50,51 @@ def with_metadata(src: Path, dst: Path, drop_events: tuple[str, ...] = (), **met
     return dst
 
 
+REPLAY_KEYS = ("decisions", "matched", "mismatched", "missing", "extra", "undecidable", "by_kind")
+
+
 @pytest.mark.parametrize("trace", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_report_numbers_equal_info_and_diff(trace: Path, tmp_path: Path) -> None:
+def test_report_numbers_equal_info_replay_and_diff(trace: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.html"
-    code, _ = invoke("report", trace, "-o", out)
+    code, _ = invoke("report", trace, "--replay", "-o", out)
     assert code == 0
     data = page_data(out.read_text())
     code, info = invoke("info", trace, "--json")
     info = json.loads(info)
     assert (data["events"], data["lost"], data["by_event"], data["span_ns"]) == \
         (info["events"], info["lost"], info["by_event"], info["span_ns"])
+    code, replay = invoke("replay", trace, "--json")
+    replay = json.loads(replay)
+    assert {k: data["replay"][k] for k in REPLAY_KEYS} == {k: replay[k] for k in REPLAY_KEYS}
+    assert data["replay"]["divergences"] == len(replay["divergences"])
     # Faults are cut by the rule diff uses: the trace against itself has as many common faults.
     code, diff = invoke("diff", trace, trace, "--json")
     assert code == 0 and json.loads(diff)["faults_a"] == data["faults"]
     assert data["downsampled"] == [] and "Nothing was downsampled" in out.read_text()
+
+
+def test_divergences_link_to_their_context(tmp_path: Path) -> None:
+    """A real trace with one get_page's 'created' flipped: the replay diverges there, the page says so."""
+    reader = open_trace(EXAMPLES[0])
+    table = reader.read()
+    created = table.column("created").to_pylist()
+    events = table.column("event").to_pylist()
+    i = [k for k, e in enumerate(events) if e == "kvm_mmu_get_page" and created[k]][-1]
+    created[i] = False
+    tampered = tmp_path / "tampered.parquet"
+    meta = {k: v for k, v in reader.metadata.items() if k not in ("schema_version", "complete")}
+    with TraceWriter(tampered, meta) as writer:
+        writer.write_batch(table.set_column(table.schema.get_field_index("created"), "created",
+                                            pa.array(created, pa.bool_())))
+    out = tmp_path / "r.html"
+    assert invoke("report", tampered, "--replay", "-o", out)[0] == 0
+    html = out.read_text()
+    code, replay = invoke("replay", tampered, "--json")
+    divergences = json.loads(replay)["divergences"]
+    assert code != 0 and divergences and page_data(html)["replay"]["divergences"] == len(divergences)
+    assert divergences[0]["ts_ns"] == table.column("ts_ns")[i].as_py()
+    for n in range(len(divergences)):
+        assert f'<a href="#div-{n}">context</a>' in html and f'<details id="div-{n}">' in html
 
 
 def test_trace_strings_are_escaped(tmp_path: Path) -> None:
