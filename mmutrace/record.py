@@ -28,6 +28,8 @@ from mmutrace.errors import HostError, UsageError
 #: How long the consumer sleeps when the ring is empty: at 1.5M events/s that is ~2 MiB of records,
 #: far below the ring's 128 MiB, and it keeps wake-ups off the probes' hot path.
 POLL_INTERVAL_S = 0.01
+#: stop_reason when the traced command ended by itself (its exit status then matters).
+COMMAND_EXITED = "command exited"
 
 
 class Backend(str, enum.Enum):
@@ -70,6 +72,7 @@ class RecordResult:
     events: int
     lost: int
     hits: dict[str, int]
+    stop_reason: str
     child_status: int | None
     scenario: dict[str, Any] | None
     cpu_s: float
@@ -218,7 +221,7 @@ class _Stop:
 
     def __call__(self) -> str | None:
         if self._child is not None and self._child.finished():
-            return "command exited"
+            return COMMAND_EXITED
         if self._pid is not None and not Path(f"/proc/{self._pid}").exists():
             return "process exited"
         if self._deadline is not None and time.monotonic() >= self._deadline:
@@ -355,7 +358,7 @@ def _record_bcc(opts: RecordOptions, command: list[str] | None, status: bool) ->
             child.finish()
         ring.close()
         probes.close()
-    return RecordResult(opts.output, events, result_meta["lost_total"], hits, child_status,
+    return RecordResult(opts.output, events, result_meta["lost_total"], hits, stop_reason, child_status,
                         result_meta.get("scenario"), time.process_time() - cpu0)
 
 
@@ -384,5 +387,5 @@ def _record_tracefs(opts: RecordOptions, command: list[str] | None, status: bool
         if child is not None and child.proc.returncode is None:
             child.finish()
         capture.cleanup()
-    return RecordResult(opts.output, events, result_meta["lost_total"], {}, child_status,
+    return RecordResult(opts.output, events, result_meta["lost_total"], {}, stop_reason, child_status,
                         result_meta.get("scenario"), time.process_time() - cpu0)

@@ -79,44 +79,22 @@ class RingBuffer:
 # --------------------------------------------------------------------------------------------
 
 EVENT_NAMES = pa.array([e.name for e in schema.EVENTS], pa.string())
-_SIGNED = {pa.int8(), pa.int16(), pa.int32(), pa.int64()}
-
-
-def _slot_tables() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per column: (slot index, shift, mask) indexed by event id; slot -1 where the event lacks it."""
-    n = len(schema.EVENTS)
-    tables: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for event_id, kind in enumerate(schema.EVENTS):
-        for slot in SLOTS[kind.name]:
-            if slot.column not in tables:
-                tables[slot.column] = (np.full(n, -1, np.int64), np.zeros(n, np.uint64), np.zeros(n, np.uint64))
-            index, shift, mask = tables[slot.column]
-            index[event_id] = slot.index
-            shift[event_id] = slot.shift
-            mask[event_id] = np.uint64((1 << slot.bits) - 1)
-    return tables
-
-
-_SLOT_TABLES = _slot_tables()
-
-
-def _column(values: np.ndarray, valid: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
-    """u64 slot values as ``arrow_type``.  Signed values arrive sign-extended to 64 bits (the C
-    casts them) or as their low bits (packed slots), so a truncating cast is exact for both."""
-    if pa.types.is_boolean(arrow_type):
-        array = values != 0
-    elif arrow_type in _SIGNED:
-        array = values.view(np.int64).astype(arrow_type.to_pandas_dtype())
-    else:
-        array = values.astype(arrow_type.to_pandas_dtype())
-    return pa.array(array, arrow_type, mask=~valid)
+_SLOTS_BY_ID = [SLOTS[e.name] for e in schema.EVENTS]
+_NUMPY_TYPES = {f.name: np.dtype(bool) if pa.types.is_boolean(f.type) else np.dtype(f.type.to_pandas_dtype())
+                for f in schema.FIELD_COLUMNS}
 
 
 def decode(records: np.ndarray) -> dict[str, pa.Array]:
-    """Schema columns (name -> Arrow array) for a batch of records of any mix of events."""
-    events = records["event"].astype(np.int64)
-    vcpu = records["vcpu"]
-    vm = records["vm"]
+    """Schema columns (name -> Arrow array) for a batch of records of any mix of events.
+
+    Works per event kind present in the batch (a handful), on that kind's rows only, so the cost is
+    the number of fields actually recorded, not rows times columns.  Slot values are u64: signed
+    fields arrive sign-extended (the C casts them) or as their low bits (packed slots), so a
+    truncating cast gives the value either way.
+    """
+    n = len(records)
+    events = records["event"]
+    vcpu, vm = records["vcpu"], records["vm"]
     columns: dict[str, pa.Array] = {
         "ts_ns": pa.array(records["ts_ns"], pa.uint64()),
         "cpu": pa.array(records["cpu"], pa.uint16()),
@@ -127,17 +105,25 @@ def decode(records: np.ndarray) -> dict[str, pa.Array]:
         "vcpu": pa.array(vcpu, pa.int32(), mask=vcpu < 0),
         "event": pa.DictionaryArray.from_arrays(pa.array(events.astype(np.int16)), EVENT_NAMES),
     }
-    present = np.zeros(len(schema.EVENTS), bool)
-    present[np.unique(events)] = True
-    rows = np.arange(len(records))
-    slots, nulls = records["f"], records["nulls"]
-    for name, (index, shift, mask) in _SLOT_TABLES.items():
-        if not present[index >= 0].any():
-            continue
-        idx = index[events]
-        valid = idx >= 0
-        safe = np.where(valid, idx, 0)
-        valid &= (nulls >> safe.astype(np.uint32)) & 1 == 0
-        values = (slots[rows, safe] >> shift[events]) & mask[events]
-        columns[name] = _column(values, valid, schema.COLUMN_TYPES[name])
+    values: dict[str, np.ndarray] = {}
+    valid: dict[str, np.ndarray] = {}
+    counts = np.bincount(events, minlength=len(_SLOTS_BY_ID))
+    for event_id in np.flatnonzero(counts):
+        rows = np.flatnonzero(events == event_id)
+        fields, nulls = records["f"][rows], records["nulls"][rows]
+        for slot in _SLOTS_BY_ID[event_id]:
+            column = slot.column
+            if column not in values:
+                values[column] = np.zeros(n, _NUMPY_TYPES[column])
+                valid[column] = np.zeros(n, bool)
+            raw = fields[:, slot.index]
+            if slot.bits < 64:
+                raw = (raw >> np.uint64(slot.shift)) & np.uint64((1 << slot.bits) - 1)
+            values[column][rows] = raw if column not in _SIGNED_COLUMNS else raw.view(np.int64)
+            valid[column][rows] = (nulls & (1 << slot.index)) == 0
+    for column, array in values.items():
+        columns[column] = pa.array(array, schema.COLUMN_TYPES[column], mask=~valid[column])
     return columns
+
+
+_SIGNED_COLUMNS = {name for name, t in schema.COLUMN_TYPES.items() if pa.types.is_signed_integer(t)}

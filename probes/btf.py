@@ -78,23 +78,28 @@ class Member:
 
 
 class Btf:
-    """The parsed types of one BTF blob (no split BTF: on this host KVM is built in)."""
+    """The parsed types of one BTF blob, or of a module's split BTF on top of ``base`` (vmlinux).
 
-    def __init__(self, raw: bytes) -> None:
+    Split BTF continues the base's type ids and string offsets, so the two are parsed into one
+    table: base types first, the module's after (the nested lab's kernels build KVM as a module).
+    """
+
+    def __init__(self, raw: bytes, base: Btf | None = None) -> None:
         magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from("<HBBIIIII", raw)
         if magic != BTF_MAGIC:
             raise HostError(f"kernel BTF has a bad magic {magic:#x} (expected {BTF_MAGIC:#x})")
-        self._raw = raw
-        self._strings = raw[hdr_len + str_off: hdr_len + str_off + str_len]
-        self.types: list[BtfType | None] = [None]  # type id 0 is void
-        self._by_name: dict[tuple[Kind, str], int] = {}
+        shift = len(base._raw) if base else 0
+        self._raw = (base._raw if base else b"") + raw
+        self._strings = (base._strings if base else b"") + raw[hdr_len + str_off: hdr_len + str_off + str_len]
+        self.types: list[BtfType | None] = list(base.types) if base else [None]  # type id 0 is void
+        self._by_name: dict[tuple[Kind, str], int] = dict(base._by_name) if base else {}
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
         while pos < end:
             name_off, info, size_type = struct.unpack_from("<III", raw, pos)
             kind, vlen = Kind((info >> 24) & 0x1F), info & 0xFFFF
             fixed, per = _EXTRA.get(kind, (0, 0))
             name = self._string(name_off)
-            self.types.append(BtfType(kind, name, vlen, bool(info >> 31), size_type, pos + 12))
+            self.types.append(BtfType(kind, name, vlen, bool(info >> 31), size_type, shift + pos + 12))
             if name:
                 self._by_name.setdefault((kind, name), len(self.types) - 1)
             pos += 12 + fixed + per * vlen
@@ -201,4 +206,6 @@ def vmlinux() -> Btf:
         raw = VMLINUX_BTF.read_bytes()
     except OSError as exc:
         raise HostError(f"cannot read {VMLINUX_BTF} ({exc.strerror}); the kernel needs CONFIG_DEBUG_INFO_BTF") from None
-    return Btf(raw)
+    base = Btf(raw)
+    kvm_module = VMLINUX_BTF.parent / "kvm"
+    return Btf(kvm_module.read_bytes(), base) if kvm_module.exists() else base

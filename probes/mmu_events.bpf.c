@@ -393,6 +393,20 @@ RAW_TRACEPOINT_PROBE(kvm_page_fault)	/* (struct kvm_vcpu *, u64 fault_address, u
  * other threads of the process to this VM.  Learnt at KVM_RUN (every backend) and at kvm_entry
  * (which the PVM backend does not emit).
  */
+/*
+ * Keep vms[] to the VMs of targeted processes.  A struct kvm freed when its VM exits can be
+ * reallocated for another process's VM: the first sign of that VM in another process removes it.
+ */
+static __always_inline void own_vm(u32 tgid, u64 kvm)
+{
+	u8 one = 1;
+
+	if (targets.lookup(&tgid))
+		vms.update(&kvm, &one);
+	else
+		vms.delete(&kvm);
+}
+
 static __always_inline void learn_vcpu(u64 kvm, s32 vcpu_id)
 {
 	u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -402,11 +416,9 @@ static __always_inline void learn_vcpu(u64 kvm, s32 vcpu_id)
 	if (known && known->kvm == kvm && known->vcpu_id == vcpu_id)
 		return;
 	struct vcpu_ctx c = {.kvm = kvm, .vcpu_id = vcpu_id};
-	u8 one = 1;
 	vcpu_of_tid.update(&tid, &c);
 	vm_of_tgid.update(&tgid, &kvm);
-	if (targets.lookup(&tgid))
-		vms.update(&kvm, &one);
+	own_vm(tgid, kvm);
 }
 
 RAW_TRACEPOINT_PROBE(kvm_entry)	/* (struct kvm_vcpu *, bool force_immediate_exit) */
@@ -622,11 +634,9 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 	u32 cmd = p->cmd;
 	ioctls.delete(&tid);
 	if (cmd == KVM_CREATE_VM && ret >= 0) {
-		u32 tgid = bpf_get_current_pid_tgid() >> 32;
-		u8 one = 1;
 		vm = fd_private_data(ret);	/* the new VM's fd */
-		if (vm && targets.lookup(&tgid))
-			vms.update(&vm, &one);
+		if (vm)
+			own_vm(bpf_get_current_pid_tgid() >> 32, vm);
 	}
 	BEGIN(ioctl_ret, vm, vcpu_id);
 	r->f[0] = cmd;

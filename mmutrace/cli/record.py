@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         Ctrl-C and SIGTERM stop the recording and leave a complete, valid file.
         """
         from mmutrace.errors import UsageError
-        from mmutrace.record import Backend, RecordOptions, ScenarioSpec, parse_events, record
+        from mmutrace.record import COMMAND_EXITED, Backend, RecordOptions, ScenarioSpec, parse_events, record
 
         try:
             chosen = Backend(backend)
@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         result = record(opts, status=sys.stderr.isatty())
         typer.echo(f"{result.path}: {result.events:,} events, {result.lost:,} lost, "
                    f"recorder CPU {result.cpu_s:.2f} s")
-        if result.child_status:
+        if result.stop_reason == COMMAND_EXITED and result.child_status:
             typer.echo(f"mmutrace: the traced command exited with status {result.child_status}; "
                        f"the trace holds its events up to then", err=True)
             raise typer.Exit(result.child_status if result.child_status > 0 else 128 - result.child_status)

@@ -1,0 +1,274 @@
+"""`mmutrace record` end to end on real KVM: each built-in scenario recorded by the bcc recorder while
+an independent tracefs capture of the same run is taken, then compared event by event; metadata;
+interrupted and killed recordings; bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mmutrace import ftrace_text, schema, storage, tracefs
+from mmutrace.record import RecordOptions, RecordResult, ScenarioSpec, record
+from mmutrace.scenarios import SCENARIOS
+from test_probes import frame
+
+MMUTRACE = [str(Path(sys.executable).parent / "mmutrace")]
+
+
+@dataclass
+class Recorded:
+    """One recording: the bcc trace, and the tracefs text of the same run parsed by the importer."""
+
+    result: RecordResult
+    bcc: pd.DataFrame
+    tracefs: pd.DataFrame
+    tracefs_lost: int
+    metadata: dict
+
+
+def _record_with_tracefs(out: Path, opts: RecordOptions, pids: Callable[[RecordResult], list[int]]) -> Recorded:
+    """Record ``opts`` with bcc while a tracefs capture takes the same run.
+
+    The capture follows this process's children (event-fork): the command the recorder starts is
+    one.  The importer's parser then keeps the rows of ``pids``.
+    """
+    with tracefs.Capture(tgid=os.getpid()) as capture:
+        result = record(opts)
+    keep = pids(result)
+    parsed = pa.concat_tables(ftrace_text.parse_file(capture.text_path, tgid=pid).table for pid in keep)
+    lost = capture.lost
+    capture.cleanup()
+    return Recorded(result, frame(pq.read_table(opts.output)), frame(parsed), lost,
+                    storage.open_trace(opts.output).metadata)
+
+
+@pytest.fixture(scope="module")
+def every_scenario(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recorded, dict[str, int]]:
+    """One recording of a shell running every built-in scenario in turn; scenario name -> its pid."""
+    out = tmp_path_factory.mktemp("record")
+    reports = {name: out / f"{name}.json" for name in sorted(SCENARIOS)}
+    script = "; ".join(f"{sys.executable} -m mmutrace.scenarios run {name} --seed 1 --json > {path}"
+                       for name, path in reports.items())
+
+    def pids(_: RecordResult) -> list[int]:
+        return [json.loads(path.read_text())["pid"] for path in reports.values()]
+
+    run = _record_with_tracefs(out, RecordOptions(output=out / "all.parquet", command=["sh", "-c", script]), pids)
+    return run, dict(zip(reports, pids(run.result)))
+
+
+@pytest.fixture(scope="module")
+def touch(tmp_path_factory: pytest.TempPathFactory) -> Recorded:
+    """``--scenario touch`` (the scenario's own metadata and markers)."""
+    out = tmp_path_factory.mktemp("touch") / "touch.parquet"
+    return _record_with_tracefs(out, RecordOptions(output=out, scenario=ScenarioSpec("touch", seed=1)),
+                                lambda result: [result.scenario["pid"]])
+
+
+def _per_thread(df: pd.DataFrame, event: str) -> pd.DataFrame:
+    """One event's rows in per-thread order: the order both recorders must agree on."""
+    return df[df.event == event].sort_values(["tid", "ts_ns"], kind="stable", ignore_index=True)
+
+
+@pytest.mark.bcc
+def test_every_scenario_ran_and_nothing_was_lost(every_scenario) -> None:
+    run, pids = every_scenario
+    assert run.result.child_status == 0 and run.result.stop_reason == "command exited"
+    assert run.result.lost == 0 and run.tracefs_lost == 0
+    faults = run.bcc[run.bcc.event == "kvm_mmu_spte_requested"]
+    assert set(pids.values()) <= set(faults.pid)
+
+
+@pytest.mark.bcc
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_bcc_equals_tracefs_of_the_same_run(every_scenario, name: str) -> None:
+    run, pids = every_scenario
+    bcc, text = run.bcc[run.bcc.pid == pids[name]], run.tracefs[run.tracefs.pid == pids[name]]
+    assert len(text) > 0
+    for kind in schema.EVENTS:
+        if kind.group == "ioctl":
+            continue
+        ours, theirs = _per_thread(bcc, kind.name), _per_thread(text, kind.name)
+        assert len(ours) == len(theirs), f"{kind.name}: bcc {len(ours)} rows, tracefs {len(theirs)}"
+        for _, column in kind.tracefs:
+            a, b = ours[column], theirs[column]
+            if column == "role":  # the text prints only some role bits
+                a = a & ftrace_text.ROLE_KNOWN_MASK
+            elif column == "sptep" and kind.name == "kvm_mmu_set_spte":
+                # tracefs prints virt_to_phys(sptep); bcc keeps the pointer: one direct-map offset
+                assert (a - b).nunique() <= 1, f"{kind.name}.sptep is not one pointer per row"
+                continue
+            pd.testing.assert_series_equal(a, b, check_names=False, check_dtype=False,
+                                           obj=f"{name}: {kind.name}.{column}")
+
+
+@pytest.mark.bcc
+def test_hit_counts_equal_recorded_events(touch: Recorded) -> None:
+    run = touch
+    counts = run.bcc.event.value_counts()
+    assert {e: n for e, n in run.result.hits.items() if n} == counts.to_dict()
+    assert run.metadata["event_hits"] == run.result.hits
+
+
+@pytest.mark.bcc
+def test_metadata_is_filled(touch: Recorded) -> None:
+    run = touch
+    meta = run.metadata
+    assert meta["recorder"] == "bcc" and meta["origin"] == "host" and meta["complete"] is True
+    assert meta["kernel_release"] == os.uname().release
+    assert "raw_tracepoint:kvm_mmu_spte_requested" in meta["probes"]
+    assert "tracepoint:syscalls:sys_enter_ioctl" in meta["probes"]
+    assert meta["event_inputs"]["kvm_mmu_spte_requested"] == list(schema.event_kind("kvm_mmu_spte_requested").inputs)
+    assert meta["lost_total"] == 0 and set(meta["lost"]) == {str(c) for c in range(os.cpu_count())}
+    assert meta["scenario"]["name"] == "touch" and meta["scenario"]["seed"] == 1
+    assert meta["scenario"]["size"] == SCENARIOS["touch"].default_size
+    texts = [m["text"] for m in meta["markers"]]
+    assert texts[0] == "touch:start" and texts[-1] == "touch:end" and "touch:seq_write" in texts
+    assert meta["start_ns"] < run.bcc.ts_ns.min() <= run.bcc.ts_ns.max() < meta["stop_ns"]
+    # markers and events share CLOCK_MONOTONIC: every fault lies between start and end markers
+    ts = {m["text"]: m["ts_ns"] for m in meta["markers"]}
+    faults = run.bcc[run.bcc.event == "kvm_mmu_spte_requested"]
+    assert (faults.ts_ns > ts["touch:start"]).all() and (faults.ts_ns < ts["touch:end"]).all()
+
+
+@pytest.mark.bcc
+def test_rows_are_ordered_and_attributed(every_scenario) -> None:
+    run, pids = every_scenario
+    table = pq.read_table(run.result.path, columns=["ts_ns", "cpu", "seq"])
+    keys = np.stack([table.column(c).to_numpy().astype(np.uint64) for c in ("ts_ns", "cpu", "seq")], axis=1)
+    order = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0]))
+    assert (order == np.arange(len(keys))).all()
+    multi = run.bcc[run.bcc.pid == pids["multi_vcpu"]]
+    faults = multi[multi.event == "kvm_mmu_spte_requested"]
+    assert sorted(faults.vcpu.unique()) == [0, 1]
+    assert faults.vm.nunique() == 1
+    # one vCPU per thread
+    assert (faults.groupby("tid").vcpu.nunique() == 1).all()
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI: stopping, crashing, killing, bad input
+# --------------------------------------------------------------------------------------------
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(MMUTRACE + ["record", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.bcc
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_run_leaves_a_complete_file(tmp_path: Path, signum: int) -> None:
+    out = tmp_path / "stopped.parquet"
+    proc = _start(["--scenario", "touch", "--size", "500000", "-o", str(out)])
+    _wait_for(lambda: any(storage.partial_dir(out).glob("seg-*.parquet")))
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    trace = storage.open_trace(out)
+    assert trace.metadata["complete"] is True and trace.metadata["stop_reason"] == "interrupted"
+    assert trace.num_rows > 0 and not storage.partial_dir(out).exists()
+
+
+@pytest.mark.bcc
+def test_killed_recording_is_repaired_up_to_its_last_flush(tmp_path: Path) -> None:
+    out = tmp_path / "killed.parquet"
+    proc = _start(["--scenario", "touch", "--size", "500000", "-o", str(out)])
+    segments = storage.partial_dir(out)
+    _wait_for(lambda: any(segments.glob("seg-*.parquet")))
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    proc.kill()
+    proc.communicate()
+    for child in children:  # the scenario the killed recorder had started
+        os.kill(int(child), signal.SIGKILL)
+    flushed = sum(pq.read_table(p).num_rows for p in sorted(segments.glob("seg-*.parquet")))
+    repaired = storage.repair(out)
+    trace = storage.open_trace(repaired)
+    assert trace.metadata["complete"] is False
+    assert trace.num_rows == flushed
+
+
+@pytest.mark.bcc
+def test_crashing_command_still_finalizes(tmp_path: Path) -> None:
+    out = tmp_path / "crash.parquet"
+    script = f"{sys.executable} -m mmutrace.scenarios run touch --size 64 --seed 0 >/dev/null; exit 3"
+    proc = subprocess.run(MMUTRACE + ["record", "-o", str(out), "--", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert "exited with status 3" in proc.stderr
+    trace = storage.open_trace(out)
+    assert trace.metadata["complete"] is True and trace.metadata["child_status"] == 3
+    rows = frame(pq.read_table(out))
+    # the guest ran in a child of the traced shell: followed through fork
+    assert (rows.event == "kvm_mmu_spte_requested").sum() >= 64
+    assert trace.metadata["command"] == ["sh", "-c", script]
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """Run ``mmutrace ARGS`` in this process: exit status and stderr."""
+    from mmutrace.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mmutrace", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return exit_.value.code, capsys.readouterr().err
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("args, message", [
+    (["--events", "kvm_mmu_get_pag"], "did you mean kvm_mmu_get_page"),
+    (["-p", "1"], "process 1 is not a KVM process"),
+    (["-p", "999999999"], "no process with pid 999999999"),
+    (["--scenario", "no_such"], "unknown scenario 'no_such'"),
+    (["--backend", "perf"], "--backend must be bcc or tracefs"),
+    (["--scenario", "touch", "--duration", "-1"], "--duration must be positive"),
+    (["--scenario", "touch", "-p", "1"], "at most one target"),
+    (["--seed", "3"], "--seed and --size go with --scenario"),
+])
+def test_bad_input_is_one_line_and_no_file(tmp_path: Path, capsys, monkeypatch, args: list[str], message: str) -> None:
+    code, err = _cli(["record", "-o", str(tmp_path / "bad.parquet"), *args], capsys, monkeypatch)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.kvm
+def test_unwritable_or_existing_output_is_refused(tmp_path: Path, capsys, monkeypatch) -> None:
+    existing = tmp_path / "exists.parquet"
+    existing.write_bytes(b"x")
+    for out, message in ((existing, "exists (use --force"), (tmp_path / "no" / "dir.parquet", "does not exist")):
+        code, err = _cli(["record", "--scenario", "touch", "-o", str(out)], capsys, monkeypatch)
+        assert code == 2 and message in err, err
+    assert existing.read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.parquet"]
+
+
+@pytest.mark.kvm
+def test_not_root_is_refused(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o777)
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *MMUTRACE, "record",
+                           "--scenario", "touch", "-o", str(tmp_path / "t.parquet")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "recording needs root" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
