@@ -246,6 +246,8 @@ class VmReplay:
         t.last_ts = self.arch.now_ns = row["ts_ns"]
         if row.get("mmu_max") is not None:
             self.arch.n_max_mmu_pages = row["mmu_max"]  # the recorder's quota input
+        if t.vcpu is None and row.get("vcpu") is not None and not ev.startswith("ioctl_"):
+            self.vcpu_of(t, row["vcpu"])
         if ev == "kvm_mmu_paging_element":
             if t.walk is not None:
                 t.walk.ptes.append(row["spte"])
@@ -443,6 +445,9 @@ class VmReplay:
                                            row["slot_hva"], row["slot_flags"] or 0)
         elif ev == "ioctl_set_nr_mmu_pages":
             self.mmu.kvm_vm_ioctl_set_nr_mmu_pages(row["count"])
+        elif ev == "ioctl_set_sregs" and row.get("cr0") is not None:
+            vcpu = self.mmu.vcpu(row["vcpu"] if row.get("vcpu") is not None else t.tid)
+            self.mmu.kvm_set_sregs(vcpu, row["cr0"], row["cr3"], row["cr4"], row["efer"])
         self.take_predictions(t)
 
     # ---- judging

@@ -40,6 +40,38 @@ NON_UPSTREAM_PARAM_DEFAULTS: dict[str, str] = {
 }
 
 
+X86_CR0_WP = 1 << 16
+X86_CR0_PG = 1 << 31
+X86_CR4_PAE = 1 << 5
+X86_CR4_LA57 = 1 << 12
+X86_CR4_SMEP = 1 << 20
+X86_CR4_SMAP = 1 << 21
+EFER_LMA = 1 << 10
+EFER_NX = 1 << 11
+CR3_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
+
+
+def kvm_calc_cpu_role(rules: VersionRules, cr0: int, cr4: int, efer: int) -> tuple[int, CpuRole]:
+    """kvm_calc_cpu_role + kvm_init_shadow_mmu: the shadow root role word and the walker's view.
+
+    The root role is the CPU role with level at least 3 (PAE shadow for 32-bit guests) and efer_nx
+    forced on (KVM uses NX for its own purposes when TDP is off).
+    """
+    layout = rules.role_layout
+    word = layout.set(0, "access", 7)
+    if not cr0 & X86_CR0_PG:
+        return layout.set(word, "direct", 1), CpuRole(root_level=0)
+    wp = bool(cr0 & X86_CR0_WP)
+    level = (5 if cr4 & X86_CR4_LA57 else 4) if efer & EFER_LMA else (3 if cr4 & X86_CR4_PAE else 2)
+    for name, value in (("cr0_wp", wp), ("smep_andnot_wp", bool(cr4 & X86_CR4_SMEP) and not wp),
+                        ("smap_andnot_wp", bool(cr4 & X86_CR4_SMAP) and not wp),
+                        ("has_4_byte_gpte", not cr4 & X86_CR4_PAE), ("level", max(level, 3)), ("efer_nx", 1)):
+        word = layout.set(word, name, int(value))
+    cpu_role = CpuRole(root_level=level, efer_nx=bool(efer & EFER_NX), cr0_wp=wp,
+                       cr4_smep=bool(cr4 & X86_CR4_SMEP), cr4_smap=bool(cr4 & X86_CR4_SMAP))
+    return word, cpu_role
+
+
 @dataclass
 class Memslot:
     """struct kvm_memory_slot as KVM_SET_USER_MEMORY_REGION left it."""
@@ -140,6 +172,8 @@ class VcpuMmu:
     prev_roots: list[tuple[int, Any]] = field(default_factory=list)
     #: KVM_REQ_MMU_FREE_OBSOLETE_ROOTS / unloaded root: the next run reloads.
     needs_load: bool = True
+    #: CR0/CR3/CR4/EFER came from a traced KVM_SET_SREGS (else the root role is adopted).
+    sregs_known: bool = False
 
 
 @dataclass
@@ -217,7 +251,21 @@ class KvmMmu:
             return (yield from self.tdp.kvm_tdp_mmu_page_fault(vcpu, fault))
         return (yield from self.shadow.kvm_shadow_mmu_page_fault(vcpu, fault))
 
-    # ---- roots
+    # ---- vCPU paging state and roots
+
+    def kvm_set_sregs(self, vcpu: VcpuMmu, cr0: int, cr3: int, cr4: int, efer: int) -> None:
+        """__set_sregs: any change of CR0/CR3/CR4/EFER resets the MMU context (kvm_mmu_reset_context
+        unloads every root); the next KVM_RUN loads a root for the new CR3 and role."""
+        role, cpu_role = kvm_calc_cpu_role(self.arch.rules, cr0, cr4, efer)
+        root_gfn = (cr3 & CR3_ADDR_MASK) >> 12
+        if (vcpu.root_role, vcpu.root_gfn, vcpu.cpu_role) == (role, root_gfn, cpu_role) and vcpu.sregs_known:
+            return
+        vcpu.root_role, vcpu.root_gfn, vcpu.cpu_role, vcpu.sregs_known = role, root_gfn, cpu_role, True
+        self.kvm_mmu_reset_context(vcpu)
+
+    def kvm_mmu_reset_context(self, vcpu: VcpuMmu) -> None:
+        """kvm_mmu_unload: free the current and the cached previous roots."""
+        self.shadow.kvm_mmu_free_roots(vcpu, free_prev=True)
 
     def kvm_mmu_reload(self, vcpu: VcpuMmu) -> None:
         """vcpu_enter_guest(): free obsolete roots on request, then kvm_mmu_load if the root is invalid."""
