@@ -196,6 +196,7 @@ class Capture:
         try:
             self.instance.mkdir()
         except OSError as exc:
+            self.cleanup()
             raise HostError(f"cannot create tracefs instance {self.instance}: {exc.strerror}") from None
         try:
             self._configure()
@@ -206,6 +207,7 @@ class Capture:
             self._reader.start()
         except BaseException:
             self._teardown()
+            self.cleanup()
             raise
         return self
 
