@@ -21,9 +21,12 @@ describes the format, the crash-safety design, the encodings and their measured 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -76,6 +79,41 @@ _BYTE_STREAM_SPLIT_COLUMNS = tuple(
 #: bounds the writer's memory and what a SIGKILL can lose (held rows are not on disk yet).
 _MAX_HELD_GROUPS = 2
 _ZSTD_LEVEL = 3  # levels 6-12 gain <1% on trace data and cost up to 5x the time
+
+
+# --------------------------------------------------------------------------------------------
+# Signals
+# --------------------------------------------------------------------------------------------
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Run the block, then deliver the SIGINT/SIGTERM that arrived during it.
+
+    The recorder stops by raising KeyboardInterrupt from its signal handlers; raised between
+    writing a segment and recording it (or between slicing the pending rows and keeping the rest),
+    it would drop or duplicate rows.  Python runs handlers in the main thread only, so elsewhere
+    there is nothing to defer.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+    if any(handler is None for handler in previous.values()):  # installed outside Python: leave it
+        yield
+        return
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in caught:
+            signal.raise_signal(signum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,6 +460,11 @@ class TraceWriter:
         table = to_table(batch)
         if not table.num_rows:
             return
+        with _stop_signals_deferred():
+            self._hold(table)
+
+    def _hold(self, table: pa.Table) -> None:
+        """Add ``table`` to the held rows and release what the window and the memory cap allow."""
         ts = np.sort(table.column("ts_ns").to_numpy())
         self._newest_ts = max(self._newest_ts, int(ts[-1]))
         self._pending.append(table)
@@ -495,17 +538,20 @@ class TraceWriter:
         if self._closed:
             return self.path
         self._closed = True
-        self._release(self._pending_rows)
-        self._metadata.setdefault("reorder", {"window_ns": self._window_ns, "late_rows": self._late_rows})
-        self._metadata["complete"] = complete
-        # Every event is in a segment now: if the merge below is interrupted (a second Ctrl-C),
-        # repair finds the final metadata here and knows nothing was lost.
-        closing = self._partial / _CLOSING_NAME
-        closing.with_suffix(".tmp").write_bytes(_metadata_bytes(self._metadata))
-        os.replace(closing.with_suffix(".tmp"), closing)
-        _write_merged(self._segments, self.path, self._metadata, self._row_group_rows)
-        shutil.rmtree(self._partial)
-        self.bytes_written = self.path.stat().st_size
+        # A Ctrl-C during close (the first one is usually what called it) waits until the file is
+        # whole; only SIGKILL stops a merge, and then closing.json lets repair finish the job.
+        with _stop_signals_deferred():
+            self._release(self._pending_rows)
+            self._metadata.setdefault("reorder", {"window_ns": self._window_ns, "late_rows": self._late_rows})
+            self._metadata["complete"] = complete
+            # Every event is in a segment now: if the merge below dies, repair finds the final
+            # metadata here and knows nothing was lost.
+            closing = self._partial / _CLOSING_NAME
+            closing.with_suffix(".tmp").write_bytes(_metadata_bytes(self._metadata))
+            os.replace(closing.with_suffix(".tmp"), closing)
+            _write_merged(self._segments, self.path, self._metadata, self._row_group_rows)
+            shutil.rmtree(self._partial)
+            self.bytes_written = self.path.stat().st_size
         return self.path
 
     def __enter__(self) -> TraceWriter:

@@ -328,6 +328,30 @@ def test_a_signalled_writer_process_leaves_a_complete_file(tmp_path: Path, signu
     assert (trace.metadata["complete"], trace.metadata["stop_reason"]) == (True, "KeyboardInterrupt")
 
 
+def test_a_signal_inside_the_writer_is_delivered_after_its_state_is_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGINT while segments are written (in write_batch, then again in close): KeyboardInterrupt
+    comes out after the writer's state is whole, so no row is lost or written twice and close
+    still finishes the file."""
+    path = tmp_path / "t.parquet"
+    stream = shadow_fault_stream(100)
+    sorted_rows = storage._sorted
+
+    def sort_then_signal(table: pa.Table) -> pa.Table:
+        signal.raise_signal(signal.SIGINT)
+        return sorted_rows(table)
+
+    with pytest.raises(KeyboardInterrupt):
+        with storage.TraceWriter(path, {}, row_group_rows=300, reorder_window_ns=0) as writer:
+            monkeypatch.setattr(storage, "_sorted", sort_then_signal)
+            writer.write_batch(stream)
+    assert writer.events_written == 1000
+    trace = storage.open_trace(path)
+    assert trace.read().equals(stream)
+    assert (trace.metadata["complete"], trace.metadata["stop_reason"]) == (True, "KeyboardInterrupt")
+
+
 KILLED_WRITER = textwrap.dedent(
     """
     import os, signal, sys
@@ -368,15 +392,15 @@ def test_sigkilled_writer_is_refused_then_repaired_to_its_flushed_groups(tmp_pat
     assert not storage.partial_dir(path).exists()
 
 
-def test_a_merge_interrupted_at_close_is_repaired_as_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_merge_that_fails_at_close_is_repaired_as_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "t.parquet"
     stream = shadow_fault_stream(100)
 
-    def second_ctrl_c(*args: object) -> None:
-        raise KeyboardInterrupt
+    def killed_mid_merge(*args: object) -> None:
+        raise OSError("no space left on device")
 
-    monkeypatch.setattr(storage, "_write_merged", second_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(storage, "_write_merged", killed_mid_merge)
+    with pytest.raises(OSError):
         write(path, [stream], {"recorder": "test"}, row_group_rows=300)
     monkeypatch.undo()
     assert not path.exists()
