@@ -99,8 +99,8 @@ def check_params() -> Iterator[Check]:
 
 
 def check_tracefs() -> Check:
-    mounted = (tracefs.TRACEFS / "events").is_dir()
     try:
+        mounted = tracefs.is_mounted()
         tracefs.ensure_mounted()
     except HostError as exc:
         return Check("tracefs", Status.MISSING, str(exc), f"mount -t tracefs nodev {tracefs.TRACEFS} (as root)")

@@ -35,12 +35,20 @@ TRACE_CLOCK = "mono"
 DEFAULT_BUFFER_KB = 32768
 
 
+def is_mounted() -> bool:
+    """Whether tracefs is mounted at TRACEFS; HostError when it cannot be looked at (not root)."""
+    try:
+        return (TRACEFS / "events").is_dir()
+    except PermissionError:
+        raise HostError(f"{TRACEFS} is not accessible: tracing needs root") from None
+
+
 def ensure_mounted() -> Path:
     """Return the tracefs mount point, mounting it first when absent (needs root).
 
     Returns the path; raises HostError with the fix when it cannot be mounted.
     """
-    if (TRACEFS / "events").is_dir():
+    if is_mounted():
         return TRACEFS
     if os.geteuid() != 0:
         raise HostError(f"tracefs is not mounted at {TRACEFS} and mounting it needs root")

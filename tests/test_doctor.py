@@ -102,3 +102,24 @@ def test_bcc_kernel_source_prefers_the_build_directory(tmp_path: Path, monkeypat
 
 def test_param_bool() -> None:
     assert [hostinfo.param_bool(v) for v in ("Y", "N", "1", "0", "200", None)] == [True, False, True, False, None, None]
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """Whether a user with no rights on ``path`` can still read it (the checkout and the venv)."""
+    dirs = [path, *path.parents] if path.is_dir() else list(path.parents)
+    return all(os.stat(d).st_mode & 0o005 == 0o005 for d in dirs)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_doctor_as_an_unprivileged_user_says_what_is_missing() -> None:
+    import mmutrace
+
+    for path in (Path(mmutrace.__file__).parent, Path(sys.executable)):
+        if not _reachable_by_others(path):
+            pytest.skip(f"{path} is not readable by an unprivileged user")
+    proc = subprocess.run([sys.executable, "-c", "from mmutrace.cli import main; main()", "doctor", "--json"],
+                          capture_output=True, text=True, timeout=300, user=65534, cwd="/")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    status = {c["name"]: c["status"] for c in json.loads(proc.stdout)["checks"]}
+    assert status["root"] == "missing" and status["tracefs"] == "missing"
+    assert status["bcc compiles and loads"] == "missing"
