@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -185,7 +186,7 @@ class Capture:
     kernel_lost: dict[int, int] = field(init=False, default_factory=dict)  # per_cpu/cpuN/stats
     start_ns: int = field(init=False, default=0)
     stop_ns: int = field(init=False, default=0)
-    _own_text: bool = field(init=False, default=False)
+    _own_text: weakref.finalize | None = field(init=False, default=None)  # deletes a temporary text file
     _reader: threading.Thread | None = field(init=False, default=None)
     _stop: threading.Event = field(init=False, default_factory=threading.Event)
     _reader_error: BaseException | None = field(init=False, default=None)
@@ -200,7 +201,9 @@ class Capture:
         if self.text_path is None:
             fd, tmp = tempfile.mkstemp(prefix="mmutrace-", suffix=".trace")
             os.close(fd)
-            self.text_path, self._own_text = Path(tmp), True
+            self.text_path = Path(tmp)
+            # A temporary text file goes with the Capture object, even if cleanup() is never called.
+            self._own_text = weakref.finalize(self, Path(tmp).unlink, missing_ok=True)
         try:
             self.instance.mkdir()
         except OSError as exc:
@@ -361,6 +364,6 @@ class Capture:
         return sum(self.lost_by_cpu.values())
 
     def cleanup(self) -> None:
-        """Delete the text file when the Capture made it (a temporary file)."""
-        if self._own_text and self.text_path and self.text_path.exists():
-            self.text_path.unlink()
+        """Delete the text file now when the Capture made it (a temporary file)."""
+        if self._own_text is not None:
+            self._own_text()
