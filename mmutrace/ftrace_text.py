@@ -356,6 +356,8 @@ _MARKER_EVENTS = ("tracing_mark_write", "print")
 
 
 class TextFormat(enum.Enum):
+    """Which tool printed the text (metadata only: both parse the same way)."""
+
     TRACE = "trace"  # the trace / trace_pipe files
     TRACE_CMD = "trace-cmd"  # trace-cmd report
 
@@ -400,6 +402,8 @@ class ParseStats:
 
 @dataclass
 class ParsedText:
+    """A whole capture: its rows (ARROW_SCHEMA, sorted) and what parsing them found."""
+
     table: pa.Table
     stats: ParseStats
 
