@@ -57,6 +57,9 @@ class TdpRules:
     #: A huge SPTE above the goal level: 6.1 zaps it (tdp_mmu_zap_spte_atomic) then links an empty
     #: table; 6.12 splits it in place (tdp_mmu_split_huge_page, event kvm_mmu_split_huge_page).
     split_huge_in_place: bool
+    #: tdp_mmu_zap_spte_atomic reports old -> REMOVED_SPTE before the flush (6.1) or, after the
+    #: flush and the final write, old -> the non-present value (6.3+).
+    zap_atomic_reports_removed: bool
     #: 6.1 zaps invalidated roots in a kworker (tdp_mmu_zap_wq): outside the VMM process, so a
     #: per-process recording never sees those events; 6.12 zaps them in the caller's thread.
     invalidated_roots_zapped_by_worker: bool
@@ -73,11 +76,13 @@ class TdpRules:
 
 
 TDP_RULES_6_1 = TdpRules("6.1", zap_root_levels=(PG_LEVEL_1G, TDP_ROOT_LEVEL), split_huge_in_place=False,
+                         zap_atomic_reports_removed=True,
                          invalidated_roots_zapped_by_worker=True, root_initial_refcount=1,
                          alloc_root_twin="kvm_tdp_mmu_get_vcpu_root_hpa", ret_pf_invalid=3, ret_pf_fixed=4,
                          ret_pf_spurious=5, fast_pf_error_code_mask=0xFFFFFFFF)
 TDP_RULES_6_12 = TdpRules("6.12", zap_root_levels=(PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, TDP_ROOT_LEVEL),
-                          split_huge_in_place=True, invalidated_roots_zapped_by_worker=False,
+                          split_huge_in_place=True, zap_atomic_reports_removed=False,
+                          invalidated_roots_zapped_by_worker=False,
                           root_initial_refcount=2, alloc_root_twin="kvm_tdp_mmu_alloc_root", ret_pf_invalid=4,
                           ret_pf_fixed=5, ret_pf_spurious=6, fast_pf_error_code_mask=(1 << 64) - 1)
 TDP_RULES: dict[str, TdpRules] = {"6.1": TDP_RULES_6_1, "6.12": TDP_RULES_6_12,
@@ -401,7 +406,7 @@ class TdpMmu:
                 page = page.children.get(index)
                 continue
             if is_shadow_present_pte(it.old_spte) and not self.tdp_rules.split_huge_in_place:
-                self.tdp_mmu_set_spte(it, self.nonpresent, True, "tdp_mmu_zap_spte_atomic")
+                self.tdp_mmu_zap_spte_atomic(it)
             sp = self.tdp_mmu_init_child_sp(it)
             if is_shadow_present_pte(it.old_spte):
                 self.tdp_mmu_split_huge_page(it, sp)
@@ -409,6 +414,15 @@ class TdpMmu:
                 self.tdp_mmu_link_sp(it, sp, "tdp_mmu_link_sp")
             page = sp
         return 1
+
+    def tdp_mmu_zap_spte_atomic(self, it: TdpIter) -> None:
+        """Freeze the SPTE, flush, write the non-present value: one event, whose new value is
+        REMOVED_SPTE in 6.1 (reported at the freeze) and the non-present value later (reported last)."""
+        reported = self.removed_spte if self.tdp_rules.zap_atomic_reports_removed else self.nonpresent
+        old = it.old_spte
+        self._write(it.page, it.index, self.nonpresent)
+        self.handle_changed_spte(it.page, it.index, old, reported, True, "tdp_mmu_zap_spte_atomic")
+        it.old_spte = self.nonpresent
 
     def tdp_mmu_init_child_sp(self, it: TdpIter) -> TdpPage:
         """tdp_mmu_alloc_sp + tdp_mmu_init_child_sp: the parent's role one level down (get_page)."""
@@ -457,7 +471,7 @@ class TdpMmu:
         elif reason is not None:
             self._emit("kvm_tdp_mmu_spte_changed", {"gfn": it.gfn, "level": it.level, "old_spte": it.old_spte,
                                                     "new_spte": new, "as_id": 0},
-                       "tdp_mmu_map_handle_target_level", (it.page, it.index), reason)
+                       "tdp_mmu_map_handle_target_level", it.page, reason)
             self._write(it.page, it.index, new)
         else:
             self.tdp_mmu_set_spte(it, new, True, "tdp_mmu_map_handle_target_level")
@@ -465,7 +479,7 @@ class TdpMmu:
             self._emit("mark_mmio_spte", {"gfn": it.gfn}, "tdp_mmu_map_handle_target_level", undecidable=R_MMIO_GEN)
             return 2  # RET_PF_EMULATE
         self._emit("kvm_mmu_set_spte", {"gfn": it.gfn, "level": it.level, "spte": new, "sptep_offset": it.index * 8},
-                   "tdp_mmu_map_handle_target_level", (it.page, it.index), reason)
+                   "tdp_mmu_map_handle_target_level", it.page, reason)
         return ret
 
     # ------------------------------------------------------------------ zapping
