@@ -35,6 +35,7 @@ from replay.mmu import KVM_REFILL_PAGES, FaultIn, FaultInResult, KvmArch, KvmMmu
 from replay.paging_tmpl import PTTYPE_64, GuestWalker, walk_addr_generic
 from replay.shadow_mmu import R_PARAMS, R_PREFETCH, R_QUOTA, UNKNOWN_SPTE, ShadowMmu, ShadowPage
 from replay.spte import PT_WRITABLE_MASK
+from replay.tdp_replay import TdpReplay
 from replay.versions import Split, VersionRules, rules_for_release
 
 VERDICTS = ("matched", "mismatched", "missing", "extra", "undecidable")
@@ -217,6 +218,8 @@ class VmReplay:
         self.mmu = KvmMmu(self.arch, None, None, split, bool(meta.get("tdp_mmu")))  # type: ignore[arg-type]
         self.shadow = shadow_factory(self.arch, self.mmu.vcpus)
         self.mmu.shadow = self.shadow
+        #: TDP-MMU VMs: faults start at kvm_page_fault and go to the TDP model (replay/tdp_replay.py).
+        self.tdp_replay = TdpReplay(self) if self.mmu.tdp_mmu_enabled else None
         self.threads: dict[int, Thread] = {}
         self.lost_cpus = lost_cpus
         self.role_mask = role_mask
@@ -244,6 +247,8 @@ class VmReplay:
     def handle(self, ev: str, row: dict[str, Any]) -> None:
         t = self.thread(row["tid"])
         t.last_ts = self.arch.now_ns = row["ts_ns"]
+        if self.tdp_replay is not None and self.tdp_replay.handle(t, ev, row):
+            return
         if row.get("mmu_max") is not None:
             self.arch.n_max_mmu_pages = row["mmu_max"]  # the recorder's quota input
         if t.vcpu is None and row.get("vcpu") is not None and not ev.startswith("ioctl_"):
@@ -589,7 +594,10 @@ class VmReplay:
         self.result.undecidable_reasons[reason] += 1
         if adopt:
             self.result.adopted += 1
-            self.shadow.adopt(ev, row, t.vcpu, self.role_mask)
+            if self.mmu.tdp is not None:
+                self.mmu.tdp.adopt(ev, row, t.vcpu)
+            else:
+                self.shadow.adopt(ev, row, t.vcpu, self.role_mask)
             self.tp.drain()
 
     def verdict_extra(self, t: Thread, d: Decision, row: dict[str, Any]) -> Decision | None:
