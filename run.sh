@@ -61,8 +61,11 @@ need_venv() {
     want=$(sha256sum pyproject.toml | cut -d' ' -f1)
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         log "installing mmutrace and its Python dependencies into $VENV"
-        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-        "$VENV/bin/python" -m pip install -q -e ".[test]"
+        # pip's output goes to a log (it can be long); it is shown only when the install fails.
+        if ! { "$VENV/bin/python" -m pip install -q --upgrade pip && "$VENV/bin/python" -m pip install -q -e ".[test]"; } \
+                >"$VENV/pip.log" 2>&1; then
+            cat "$VENV/pip.log" >&2; log "pip install failed (log above, also in $VENV/pip.log)"; exit 2
+        fi
         echo "$want" > "$stamp"
     fi
 }
