@@ -35,6 +35,8 @@ import pyarrow.compute as pc
 
 from mmutrace.errors import UsageError
 from mmutrace.schema import EVENTS, EVENTS_BY_NAME, Role
+from replay.spte import (EPT, NON_EPT, PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK, SPTE_BASE_ADDR_MASK,
+                         SPTE_MMU_PRESENT_MASK, SpteFlavor)
 
 #: Fields left out of the comparison by default, as ``field`` (every event) or ``event.field``.
 #: Each is run-to-run noise: host addresses and host pfns change with every run.
@@ -54,16 +56,22 @@ DEFAULT_IGNORED: dict[str, str] = {
 
 #: SPTE-valued columns, compared with the pfn masked out unless ``spte_pfn`` is not ignored.
 SPTE_COLUMNS = ("spte", "old_spte", "new_spte")
-#: spte_to_pfn's SPTE_BASE_ADDR_MASK: bits 12-51 (docs: shared kvm-mmu-reference 3.1).
-SPTE_PFN_MASK = ((1 << 52) - 1) & ~0xFFF
 
-#: Named SPTE bits per flavor, for saying *what* differs between two SPTE values (reference 3.1-3.3).
-SPTE_BITS = {
-    "non-ept": ((0, "P"), (1, "W"), (2, "U"), (5, "A"), (6, "D"), (7, "PS"), (9, "host-W"),
-                (10, "mmu-W"), (11, "present"), (63, "NX")),
-    "ept": ((0, "R"), (1, "W"), (2, "X"), (7, "PS"), (8, "A"), (9, "D"), (11, "present"),
-            (57, "host-W"), (58, "mmu-W"), (63, "suppress-VE")),
-}
+
+def spte_bit_names(flavor: SpteFlavor) -> tuple[tuple[int, str], ...]:
+    """(bit, name) of the SPTE bits a KVM developer reads, from the flavour's masks (replay/spte.py),
+    for saying *what* differs between two SPTE values."""
+    masks = (("R" if flavor.user_mask == flavor.present_mask else "P", flavor.present_mask),
+             ("W", PT_WRITABLE_MASK), ("U", flavor.user_mask), ("X", flavor.x_mask), ("NX", flavor.nx_mask),
+             ("A", flavor.accessed_mask), ("D", flavor.dirty_mask), ("PS", PT_PAGE_SIZE_MASK),
+             ("host-W", flavor.host_writable_mask), ("mmu-W", flavor.mmu_writable_mask),
+             ("present", SPTE_MMU_PRESENT_MASK))
+    bits: dict[int, str] = {}
+    for name, mask in masks:
+        if mask:
+            bits.setdefault(mask.bit_length() - 1, name)
+    return tuple(sorted(bits.items()))
+
 
 FAULT_START_SHADOW = "kvm_mmu_pagetable_walk"
 FAULT_START_TDP = "kvm_page_fault"
@@ -363,7 +371,7 @@ def collect(table: pa.Table, metadata: dict[str, Any], ignored: frozenset[str]) 
         for c in compared[name]:
             v = cols[c][i]
             if mask_pfn and c in SPTE_COLUMNS and v is not None:
-                v &= ~SPTE_PFN_MASK
+                v &= ~SPTE_BASE_ADDR_MASK
             values.append((c, v))
         decision = Decision(ts[i], name, tuple(values))
         if cutter.is_open(lane_id):
@@ -388,7 +396,7 @@ def _event_names(table: pa.Table) -> list[str]:
 @dataclass
 class _Comparer:
     result: DiffResult
-    flavor: str
+    flavor: SpteFlavor
     context_limit: int = 24
 
     def compare(self, vms_a: list[VmEvents], vms_b: list[VmEvents]) -> None:
@@ -453,7 +461,7 @@ class _Comparer:
     def _detail(self, name: str, va: Any, vb: Any) -> str:
         if name in SPTE_COLUMNS and isinstance(va, int) and isinstance(vb, int):
             changed = [f"{bit_name} {va >> bit & 1}→{vb >> bit & 1}"
-                       for bit, bit_name in SPTE_BITS[self.flavor] if (va ^ vb) >> bit & 1]
+                       for bit, bit_name in spte_bit_names(self.flavor) if (va ^ vb) >> bit & 1]
             return ", ".join(changed) or "other bits"
         return ""
 
@@ -489,10 +497,10 @@ def _ordered_keys(a: dict, b: dict) -> list:
     return list(a) + [k for k in b if k not in a]
 
 
-def spte_flavor(metadata: dict[str, Any]) -> str:
-    """'ept' for Intel with EPT on (lab traces), else 'non-ept' (shadow paging, NPT, PVM)."""
+def spte_flavor(metadata: dict[str, Any]) -> SpteFlavor:
+    """EPT for Intel with EPT on (lab traces), else the non-EPT flavour (shadow paging, NPT, PVM)."""
     ept = str((metadata.get("vendor_params") or {}).get("ept", "N")).upper() in ("Y", "1")
-    return "ept" if metadata.get("kvm_backend") == "kvm_intel" and ept else "non-ept"
+    return EPT if metadata.get("kvm_backend") == "kvm_intel" and ept else NON_EPT
 
 
 def diff_tables(a: pa.Table, b: pa.Table, meta_a: dict[str, Any], meta_b: dict[str, Any], *,

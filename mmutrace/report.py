@@ -32,9 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from plotly.offline import get_plotlyjs
 
-from mmutrace.diff import DiffResult, FaultCutter, Lanes, fault_start_event, format_value
+from mmutrace.diff import DiffResult, FaultCutter, Lanes, fault_start_event, format_value, spte_flavor
 from mmutrace.errors import MmutraceError, UsageError
 from mmutrace.schema import EVENTS
+from replay.role import ROLE_LAYOUT_6_1, ROLE_LAYOUT_6_18, PageRole, RoleLayout
+from replay.versions import rules_for_release
 
 #: Points kept per scatter series; beyond it a uniform stride (said on the page).
 PLOT_POINTS = 4000
@@ -50,8 +52,13 @@ _SYNC, _UNSYNC, _SET_SPTE = "kvm_mmu_sync_page", "kvm_mmu_unsync_page", "kvm_mmu
 _PAGE_EVENTS = (_GET_PAGE, _ZAP, _SYNC, _UNSYNC)
 _SCAN_COLUMNS = ["ts_ns", "vm", "tid", "vcpu", "event", "addr", "error_code", "gfn", "role", "created",
                  "sptep", "level", "mmu_used", "mmu_max"]
-#: role word bits the structure plot splits by (replay/role.py has the full layouts)
-_ROLE_LEVEL_MASK, _ROLE_DIRECT_BIT, _ROLE_INVALID_BIT = 0xF, 7, 11
+#: role fields the structure plot splits by: the same bits in every layout (replay/role.py)
+_LEVEL, _DIRECT, _INVALID = (ROLE_LAYOUT_6_1.fields[f] for f in ("level", "direct", "invalid"))
+
+
+def _role_field(words: np.ndarray, shift_width: tuple[int, int]) -> np.ndarray:
+    shift, width = shift_width
+    return (words >> shift) & ((1 << width) - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,12 +165,12 @@ class TraceScan:
                    is_: dict[str, np.ndarray]) -> None:
         role = _ints(col["role"])
         created = _bools(col["created"])
-        level = np.clip(role & _ROLE_LEVEL_MASK, 1, 5) - 1
-        series = level * 2 + ((role >> _ROLE_DIRECT_BIT) & 1)
+        level = np.clip(_role_field(role, _LEVEL), 1, 5) - 1
+        series = level * 2 + _role_field(role, _DIRECT)
         born = is_[_GET_PAGE] & created
         # A root still in use is prepare-zapped twice (again when its last user drops it, then with
         # role.invalid set): only the first zap takes the page out of the live count.
-        died = is_[_ZAP] & ((role >> _ROLE_INVALID_BIT) & 1 == 0)
+        died = is_[_ZAP] & (_role_field(role, _INVALID) == 0)
         for mask, sign in ((born, 1), (died, -1)):
             self.live_delta += sign * np.bincount(series[mask] * self.n_bins + bins[mask],
                                                   minlength=10 * self.n_bins).reshape(10, self.n_bins)
@@ -336,8 +343,8 @@ def _mark_phases(fig: go.Figure, markers: list[tuple[int, str]], t0: int) -> Non
 
 
 def _layout(fig: go.Figure, title: str, height: int = 360, **kw: Any) -> go.Figure:
-    fig.update_layout(title=title, height=height, margin={"l": 60, "r": 20, "t": 40, "b": 40},
-                      template="plotly_white", legend={"orientation": "h"}, **kw)
+    fig.update_layout(title=title, height=height, margin={"l": 60, "r": 20, "t": 40, "b": 60},
+                      template="plotly_white", legend={"orientation": "h", "y": -0.28}, **kw)
     return fig
 
 
@@ -476,12 +483,13 @@ def _structure_section(report: Report, scan: TraceScan, markers: list[tuple[int,
             xaxis_title="seconds", yaxis_title="events per bin")
 
     pages = scan.pages()
+    layout = role_layout(report.data["kernel_release"])
     note = ""
     if len(pages) > TABLE_ROWS:
         note = f"showing the {TABLE_ROWS:,} most active of {len(pages):,} shadow pages"
         report.downsampled.append(f"pages table: {note}")
     rows = [[_td(f"{int(p.gfn):#x}", int(p.gfn)), _td(f"{int(p.role):#x}", int(p.role)),
-             _td(_describe_role(int(p.role), report.data["role_layout"])),
+             _td(PageRole(int(p.role), layout).describe()),
              *(_td(int(getattr(p, c)), int(getattr(p, c))) for c in ("created", "reused", "zapped", "unsync", "sync")),
              _td(_ns(int(p.first), scan.t0), int(p.first)), _td(_ns(int(p.last), scan.t0), int(p.last))]
             for p in pages.head(TABLE_ROWS).itertuples()]
@@ -500,27 +508,24 @@ def _structure_section(report: Report, scan: TraceScan, markers: list[tuple[int,
            "<p>No kvm_mmu_set_spte events with sptep.</p>"))))
 
 
-def _describe_role(word: int, layout_name: str) -> str:
-    from replay.role import ROLE_LAYOUT_6_1, ROLE_LAYOUT_6_12, ROLE_LAYOUT_6_18, PageRole
-
-    layout = {"6.1": ROLE_LAYOUT_6_1, "6.12": ROLE_LAYOUT_6_12}.get(layout_name, ROLE_LAYOUT_6_18)
-    return PageRole(word, layout).describe()
-
-
-def role_layout_name(kernel_release: str | None) -> str:
-    """Which role layout decodes a kernel's role words: '6.18' from 6.14 on (is_mirror, bit 19)."""
-    match = re.match(r"(\d+)\.(\d+)", kernel_release or "")
-    if not match:
-        return "6.18"
-    version = (int(match[1]), int(match[2]))
-    return "6.1" if version < (6, 12) else "6.12" if version < (6, 14) else "6.18"
+def role_layout(kernel_release: str | None) -> RoleLayout:
+    """The role-word layout of the recorded kernel (replay/versions.py); an unknown kernel is decoded
+    with the newest layout, and the page's header says so (decoding_note)."""
+    try:
+        return rules_for_release(kernel_release).role_layout
+    except MmutraceError:
+        return ROLE_LAYOUT_6_18
 
 
 def decoding_note(metadata: dict[str, Any]) -> str:
-    from mmutrace.diff import spte_flavor
-
-    return (f"role words with the {role_layout_name(metadata.get('kernel_release'))} layout; "
-            f"SPTEs as the {spte_flavor(metadata)} flavor")
+    release = metadata.get("kernel_release")
+    layout = role_layout(release)
+    try:
+        rules_for_release(release)
+        known = ""
+    except MmutraceError:
+        known = f" (kernel {release} unknown: newest layout assumed)"
+    return f"role words with the {layout.name} layout{known}; SPTEs as the {spte_flavor(metadata).name} flavor"
 
 
 def _replay_section(report: Report, result: dict[str, Any], t0: int) -> None:
@@ -642,7 +647,7 @@ def build_report(trace: Path, output: Path, *, replay: bool = False, model: str 
     report.data.update({"events": sum(by_event.values()), "lost": lost, "by_event": by_event,
                         "span_ns": int(reader.span_ns), "faults": scan.faults, "vcpus": len(scan.lanes),
                         "kernel_release": metadata.get("kernel_release"),
-                        "role_layout": role_layout_name(metadata.get("kernel_release"))})
+                        "role_layout": role_layout(metadata.get("kernel_release")).name})
     if lost:
         report.banners.append(f"<div class='banner bad' id='lost-banner'>⚠ {lost:,} events were LOST while "
                               "recording: counts, timelines and verdicts after the first loss are incomplete.</div>")
