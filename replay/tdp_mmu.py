@@ -539,12 +539,11 @@ class TdpMmu:
         return False
 
     def kvm_tdp_mmu_try_split_huge_pages(self, slot: Memslot, start: int, end: int, target_level: int) -> None:
-        """Eager split of huge leaves above ``target_level`` in [start, end) (get_page, link, split)."""
+        """Eager split (tdp_mmu_split_huge_pages_root): one pre-order pass over levels above
+        ``target_level``; a split table is visited next, so a 1G page ends up split to the target."""
         for root in [r for r in self.roots if not r.invalid]:
-            for level in range(root.level - 1, target_level, -1):
-                for it in self.for_each_tdp_pte_min_level(root, level, start, end):
-                    if it.level != level or not is_shadow_present_pte(it.old_spte) or not is_large_pte(it.old_spte):
-                        continue
+            for it in self.for_each_tdp_pte_min_level(root, target_level + 1, start, end):
+                if it.level > target_level and is_shadow_present_pte(it.old_spte) and is_large_pte(it.old_spte):
                     self.tdp_mmu_split_huge_page(it, self.tdp_mmu_init_child_sp(it))
 
     # ------------------------------------------------------------------ learning and adopting
@@ -570,6 +569,8 @@ class TdpMmu:
         if event != "kvm_tdp_mmu_spte_changed" or not self.roots:
             return
         gfn, level, new = row["gfn"], row["level"], row["new_spte"]
+        if new == self.removed_spte:
+            new = self.nonpresent  # a table being freed, or 6.1's freeze before the final write of 0
         page = self._page_of_entry(gfn, level)
         if page is None:
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from mmutrace.errors import TraceFileError
 from replay.decisions import KIND
 from replay.mmu import FaultInResult, KvmPageFault
 from replay.paging_tmpl import PFERR_RSVD_MASK
@@ -24,6 +25,8 @@ R_UNTRACED_IOCTL = "SPTE change outside any fault or traced cause (memslot or di
 R_TEARDOWN = "VM teardown (kvm_mmu_zap_all) is untraced; the model zaps from the first zap on"
 R_MMIO_FAULT = "MMIO SPTE fault (handle_mmio_page_fault): memslot generation untraced"
 R_NO_FAULT = "TDP map without kvm_page_fault (async page fault completion or pre-fault ioctl)"
+R_DIRTY_LOG = "KVM_GET/CLEAR_DIRTY_LOG harvest: the dirty bitmap is not modelled"
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 
 #: Rows that end a vCPU's fault episode (the guest ran again or exited).
 EPISODE_END = frozenset({"kvm_entry", "kvm_exit", "kvm_pio", "kvm_mmio", "kvm_userspace_exit", "ioctl_ret"})
@@ -57,6 +60,11 @@ class TdpReplay:
             self.vm.take_predictions(t)
         elif ev == "kvm_mmu_zap_all_fast":
             self.zap_all_fast(t, row)
+        elif ev == "ioctl_set_user_memory_region":
+            self.set_memory_region(t, ev, row)
+        elif ev in ("ioctl_get_dirty_log", "ioctl_clear_dirty_log"):
+            self.vm.ioctl(t, ev, row)
+            t.context = R_DIRTY_LOG
         elif ev in TDP_DECISIONS:
             if ev == "kvm_mmu_spte_requested":
                 self.feed(t, row)
@@ -114,10 +122,28 @@ class TdpReplay:
         vm.end_episode(t, row)
         self.unmapped_blind.discard(t.tid)
 
+    def set_memory_region(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
+        """Common code handles the slot; turning dirty logging on is kvm_mmu_slot_apply_flags: eager
+        split to 4K (kvm param eager_page_split), then write-protect every leaf (no PML on AMD)."""
+        vm = self.vm
+        old = vm.arch.memslots.get(row["slot_id"])
+        vm.ioctl(t, ev, row)
+        new = vm.arch.memslots.get(row["slot_id"])
+        if old is None or new is None or not (old.flags ^ new.flags) & new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            return
+        end = new.base_gfn + new.npages
+        if str(vm.arch.kvm_params.get("eager_page_split", "Y")).upper().startswith("Y"):
+            self.tdp.kvm_tdp_mmu_try_split_huge_pages(new, new.base_gfn, end, 1)
+        self.tdp.kvm_tdp_mmu_wrprot_slot(new, 1)
+        vm.take_predictions(t)
+
     # ---- decisions
 
     def decide(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
         vm = self.vm
+        if ev == "kvm_mmu_get_page" and not vm.rules.role_layout.get(row["role"], "direct"):
+            raise TraceFileError("this trace is from the shadow MMU (kvm_mmu_get_page of an indirect page) but its "
+                                 "metadata says tdp_mmu=true: it cannot be replayed with the TDP MMU model")
         if ev == "kvm_mmu_get_page" and t.fault is None and not t.pending:
             vcpu = vm.vcpu_of(t, row.get("vcpu"))
             if vcpu.needs_load:
@@ -157,7 +183,7 @@ class TdpReplay:
         The cause (closing the VM, or the VMM's mm exiting) has no event; the first zap names it, and
         from there every write of the teardown is predicted and judged.
         """
-        if t.fault is not None or t.pending or row["new_spte"] != self.tdp.nonpresent:
+        if t.fault is not None or t.pending or t.tid in self.unmapped_blind or row["new_spte"] != self.tdp.nonpresent:
             return False
         first = self.first_zap_all_write()
         if first != (row["gfn"], row["level"]):
@@ -190,3 +216,9 @@ class TdpReplay:
         self.tdp.kvm_tdp_mmu_invalidate_roots()
         self.tdp.kvm_tdp_mmu_zap_invalidated_roots()
         vm.take_predictions(t)
+
+
+def wrong_model_error() -> TraceFileError:
+    """A TDP-MMU event in a trace whose metadata selects the shadow MMU model."""
+    return TraceFileError("this trace is from the TDP MMU (kvm_tdp_mmu_spte_changed events) but its metadata says "
+                          "tdp_mmu=false: it cannot be replayed with the shadow MMU model")

@@ -48,7 +48,7 @@ def run(
     scenario: Optional[List[str]] = typer.Option(None, help="scenario to record (repeat; default: all built-in)"),
     backend: str = typer.Option("bcc", help="recorder backend inside L1: bcc, or tracefs"),
     output: Path = typer.Option(..., "--output", "-o", help="directory for one NAME.parquet per scenario"),
-    timeout: float = typer.Option(900.0, help="seconds for the whole boot and all scenarios"),
+    timeout: float = typer.Option(1800.0, help="seconds for the whole boot and all scenarios"),
     cpu: str = typer.Option(DEFAULT_CPU, help="QEMU -cpu model for L1 (needs svm, and npt for --mmu tdp)"),
 ) -> None:
     """Boot KERNEL under QEMU TCG and record scenarios with the recorder inside L1."""

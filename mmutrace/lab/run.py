@@ -58,6 +58,8 @@ class LabResult:
     backend: str = ""
     traces: dict[str, Path] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    #: Scenarios L1 reported recorded, in order (their files are in the staging directory).
+    completed: list[str] = field(default_factory=list)
     boot_s: float = 0.0
     total_s: float = 0.0
 
@@ -121,13 +123,14 @@ def run_lab(cfg: LabConfig, echo: Callable[[str], None] = print) -> LabResult:
     start = time.monotonic()
     try:
         console = _run_guest(vng_command(cfg, staging, vng), env, cfg, start, result, echo)
-        result.total_s = time.monotonic() - start
-        if not result.release:
-            tail = "\n".join(console)
-            raise HostError(f"L1 guest did not come up (kernel {cfg.kernel.release}); console tail:\n{tail}")
-        _copy_out(staging, cfg.out, result, echo)
     finally:
+        # Scenarios that finished are kept even when a later one timed out or L1 died.
+        result.total_s = time.monotonic() - start
+        _copy_out(staging, cfg.out, result, echo)
         shutil.rmtree(staging, ignore_errors=True)
+    if not result.release:
+        tail = "\n".join(console)
+        raise HostError(f"L1 guest did not come up (kernel {cfg.kernel.release}); console tail:\n{tail}")
     if result.failures:
         name, why = next(iter(result.failures.items()))
         raise HostError(f"{len(result.failures)} scenario(s) failed inside L1; {name}: {why}")
@@ -194,6 +197,7 @@ def _on_protocol(msg: dict, start: float, result: LabResult, echo: Callable[[str
         if state == "start":
             echo(f"lab: [{elapsed:6.1f} s] scenario {msg['name']} ...")
         elif state == "ok":
+            result.completed.append(msg["name"])
             echo(f"lab: [{elapsed:6.1f} s] scenario {msg['name']}: {msg['events']} events")
         else:
             result.failures[msg["name"]] = msg["message"]
@@ -201,7 +205,9 @@ def _on_protocol(msg: dict, start: float, result: LabResult, echo: Callable[[str
 
 
 def _copy_out(staging: Path, out: Path, result: LabResult, echo: Callable[[str], None]) -> None:
-    for path in sorted(staging.glob("*.parquet")) if staging.is_dir() else []:
+    """Move the traces of scenarios L1 reported finished into ``out`` (a killed one is dropped)."""
+    for name in result.completed:
+        path = staging / f"{name}.parquet"
         verify_trace(path)
         dest = out / path.name
         os.replace(path, dest)
