@@ -35,7 +35,7 @@ from replay.mmu import KVM_REFILL_PAGES, FaultIn, FaultInResult, KvmArch, KvmMmu
 from replay.paging_tmpl import PTTYPE_64, GuestWalker, walk_addr_generic
 from replay.shadow_mmu import R_PARAMS, R_PREFETCH, R_QUOTA, UNKNOWN_SPTE, ShadowMmu, ShadowPage
 from replay.spte import PT_WRITABLE_MASK
-from replay.tdp_replay import TdpReplay
+from replay.tdp_replay import TdpReplay, wrong_model_error
 from replay.versions import Split, VersionRules, rules_for_release
 
 VERDICTS = ("matched", "mismatched", "missing", "extra", "undecidable")
@@ -97,7 +97,8 @@ class ReplayResult:
     inferred: dict[str, Any] = field(default_factory=dict)
     events: int = 0
     max_divergences: int | None = None
-    _model_rows: list[dict[str, Any]] = field(default_factory=list)
+    #: None when the caller did not ask for the model's event stream (it grows with the trace).
+    _model_rows: list[dict[str, Any]] | None = field(default_factory=list)
 
     def count(self, kind: str, verdict: str) -> None:
         self.counters[verdict] += 1
@@ -129,6 +130,8 @@ class ReplayResult:
 
     def model_events(self) -> pa.Table:
         """The model's decisions as a trace (what the kernel would have recorded were it the model)."""
+        if self._model_rows is None:
+            raise MmutraceError("this replay ran with keep_model_events=False: no model events kept")
         columns: dict[str, list[Any]] = {f.name: [] for f in schema.ARROW_SCHEMA}
         for seq, row in enumerate(self._model_rows):
             for name in columns:
@@ -158,10 +161,23 @@ def open_for_replay(path: str | Path) -> tuple[dict[str, Any], Callable[[], Iter
     return reader.metadata, batches
 
 
-def _column(batch: pa.RecordBatch, name: str) -> list[Any]:
-    if name not in batch.schema.names:
-        return [None] * batch.num_rows
-    return batch.column(name).to_pylist()
+class Columns(dict):
+    """A batch's columns as Python lists, each converted the first time a handler reads it."""
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        super().__init__()
+        self.batch = batch
+
+    def __missing__(self, name: str) -> list[Any]:
+        if name in self.batch.schema.names:
+            values = self.batch.column(name).to_pylist()
+        else:
+            values = [None] * self.batch.num_rows
+        self[name] = values
+        return values
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return self[name] if name in READ_COLUMNS or name in self.batch.schema.names else default
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,11 +260,18 @@ class VmReplay:
 
     # ---- the row dispatcher
 
+    def open_walk(self, tid: int) -> Walk | None:
+        """The walk a guest PTE of thread ``tid`` belongs to (None outside a walk)."""
+        t = self.threads.get(tid)
+        return None if t is None else t.walk
+
     def handle(self, ev: str, row: dict[str, Any]) -> None:
         t = self.thread(row["tid"])
         t.last_ts = self.arch.now_ns = row["ts_ns"]
         if self.tdp_replay is not None and self.tdp_replay.handle(t, ev, row):
             return
+        if ev == "kvm_tdp_mmu_spte_changed" and self.tdp_replay is None:
+            raise wrong_model_error()
         if row.get("mmu_max") is not None:
             self.arch.n_max_mmu_pages = row["mmu_max"]  # the recorder's quota input
         if t.vcpu is None and row.get("vcpu") is not None and not ev.startswith("ioctl_"):
@@ -376,6 +399,8 @@ class VmReplay:
 
     def stale_since(self, ts: int) -> bool | None:
         """Did a memslot-hitting invalidation happen since ``ts``?  None when that is unknowable."""
+        if not self.unmaps or self.unmaps[-1][0] < ts:
+            return False
         hits = [hit for uts, hit in self.unmaps if uts >= ts]
         if not hits:
             return False
@@ -612,6 +637,8 @@ class VmReplay:
     # ---- output
 
     def record_model(self, d: Decision, row: dict[str, Any]) -> None:
+        if self.result._model_rows is None:
+            return
         values = {k: v for k, v in d.values.items() if k != "sptep_offset"}
         self.result._model_rows.append({"ts_ns": row["ts_ns"], "cpu": row["cpu"], "pid": 0, "tid": row["tid"],
                                         "vm": self.vm, "vcpu": row.get("vcpu"), "event": d.event, **values})
@@ -667,8 +694,13 @@ def role_known_mask(meta: dict[str, Any], rules: VersionRules) -> int:
 
 def replay_trace(path: str | Path, split: str | Split | None = None, allow_lost: bool = False,
                  assume_version: str | None = None, max_divergences: int | None = None,
-                 shadow_factory: Callable[[KvmArch, dict[int, VcpuMmu]], ShadowMmu] = ShadowMmu) -> ReplayResult:
-    """Replay one trace file through the models; see ReplayResult and docs/replay.md."""
+                 shadow_factory: Callable[[KvmArch, dict[int, VcpuMmu]], ShadowMmu] = ShadowMmu,
+                 keep_model_events: bool = True) -> ReplayResult:
+    """Replay one trace file through the models; see ReplayResult and docs/replay.md.
+
+    ``keep_model_events=False`` keeps memory bounded by the model state (the CLI and the benchmark);
+    ``ReplayResult.model_events()`` then refuses.
+    """
     meta, batches = open_for_replay(path)
     rules = rules_for_release(meta.get("kernel_release"), assume_version)
     chosen = rules.split if split is None else Split(split)
@@ -677,7 +709,8 @@ def replay_trace(path: str | Path, split: str | Split | None = None, allow_lost:
         raise TraceFileError(f"{path}: the recording lost {sum(lost.values())} events "
                              f"(CPUs {', '.join(map(str, sorted(lost)))}); pass --allow-lost to replay anyway "
                              f"(their decisions become undecidable)")
-    result = ReplayResult(meta.get("kernel_release"), rules, chosen, max_divergences=max_divergences)
+    result = ReplayResult(meta.get("kernel_release"), rules, chosen, max_divergences=max_divergences,
+                          _model_rows=[] if keep_model_events else None)
     mask = role_known_mask(meta, rules)
     vms: dict[int, VmReplay] = {}
     for batch in batches():
@@ -694,19 +727,44 @@ _SKIP_EVENTS = np.array(sorted({e.name for e in schema.EVENTS} - {
     - BOUNDARY_EVENTS - {e.name for e in schema.EVENTS if e.group == "ioctl"}))
 
 
+class Row:
+    """One event of a batch: ``row["gfn"]`` reads that column at this index (no per-row dict)."""
+
+    __slots__ = ("cols", "i")
+
+    def __init__(self, cols: dict[str, list[Any]], i: int) -> None:
+        self.cols, self.i = cols, i
+
+    def __getitem__(self, name: str) -> Any:
+        return self.cols[name][self.i]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        column = self.cols.get(name)
+        return default if column is None else column[self.i]
+
+
 def _replay_batch(batch: pa.RecordBatch, vms: dict[int, VmReplay], result: ReplayResult, rules: VersionRules,
                   split: Split, meta: dict[str, Any], shadow_factory: Callable, lost: set[int], mask: int) -> None:
-    names = batch.schema.names
-    cols = {name: _column(batch, name) for name in names}
-    events = cols["event"]
+    """Rows in order; guest PTEs (half of a shadow fault's events) go straight to their walk."""
+    cols = Columns(batch)
+    events, vm_col, tids, ptes = cols["event"], cols["vm"], cols["tid"], cols["spte"]
     keep = ~np.isin(np.asarray(events, dtype=object), _SKIP_EVENTS)
-    for i in np.flatnonzero(keep):
-        row = {name: cols[name][i] for name in names}
-        vm_id = row["vm"] if row["vm"] is not None else row["tid"]
-        vm = vms.get(vm_id)
-        if vm is None:
-            vm = vms[vm_id] = VmReplay(vm_id, rules, split, meta, result, shadow_factory, lost, mask)
-        vm.handle(events[i], row)
+    vm = None
+    for i in np.flatnonzero(keep).tolist():
+        vm_id = vm_col[i]
+        if vm_id is None:
+            vm_id = tids[i]
+        if vm is None or vm.vm != vm_id:
+            vm = vms.get(vm_id)
+            if vm is None:
+                vm = vms[vm_id] = VmReplay(vm_id, rules, split, meta, result, shadow_factory, lost, mask)
+        ev = events[i]
+        if ev == "kvm_mmu_paging_element":
+            walk = vm.open_walk(tids[i])
+            if walk is not None:
+                walk.ptes.append(ptes[i])
+            continue
+        vm.handle(ev, Row(cols, i))
 
 
 def dumps(result: ReplayResult) -> str:
