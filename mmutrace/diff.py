@@ -144,6 +144,11 @@ class VmEvents:
     lanes: dict[str, Lane] = field(default_factory=dict)
 
 
+def lane_label(vm: int, lane: str) -> str:
+    """How a lane is shown: ``vm0 vcpu 1``; VM ordinal -1 holds the events of no VM."""
+    return f"{'no VM' if vm < 0 else f'vm{vm}'} {lane}"
+
+
 class Lanes:
     """Names the lane of an event from its (vm, tid, vcpu): the part of a trace that is stable
     across runs (VM ids are pointers or pids and tids change: they become ordinals)."""
@@ -188,7 +193,7 @@ class Difference:
 
     @property
     def lane_label(self) -> str:
-        return f"{'no VM' if self.vm < 0 else f'vm{self.vm}'} {self.lane}"
+        return lane_label(self.vm, self.lane)
 
     def to_json(self) -> dict[str, Any]:
         return {k: _jsonable(v) for k, v in dataclasses.asdict(self).items()}
@@ -268,6 +273,11 @@ def _compared_columns(ignored: frozenset[str]) -> dict[str, tuple[str, ...]]:
     }
 
 
+def markers_of(metadata: dict[str, Any]) -> list[tuple[int, str]]:
+    """The trace's scenario markers as (ts_ns, text), in time order."""
+    return sorted((int(m["ts_ns"]), str(m.get("text", ""))) for m in metadata.get("markers") or [] if "ts_ns" in m)
+
+
 class Phases:
     """Scenario phases from the trace's markers, named by marker text (``text#k`` for a repeated text)
     so that two runs' phases pair up by name even when one run has an extra marker."""
@@ -276,9 +286,8 @@ class Phases:
         seen: Counter = Counter()
         self.starts: list[int] = []
         self.names: list[str] = ["before markers"]
-        for m in sorted((m for m in metadata.get("markers") or [] if "ts_ns" in m), key=lambda m: m["ts_ns"]):
-            text = str(m.get("text", ""))
-            self.starts.append(int(m["ts_ns"]))
+        for ts, text in markers_of(metadata):
+            self.starts.append(ts)
             self.names.append(text if not seen[text] else f"{text}#{seen[text]}")
             seen[text] += 1
 

@@ -18,8 +18,6 @@ import html
 import json
 import math
 import os
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from plotly.offline import get_plotlyjs
 
-from mmutrace.diff import DiffResult, FaultCutter, Lanes, fault_start_event, format_value, spte_flavor
+from mmutrace.diff import (DiffResult, FaultCutter, Lanes, fault_start_event, format_value, lane_label,
+                           markers_of, spte_flavor)
 from mmutrace.errors import MmutraceError, UsageError
 from mmutrace.schema import EVENTS
 from replay.role import ROLE_LAYOUT_6_1, ROLE_LAYOUT_6_18, PageRole, RoleLayout
@@ -84,39 +83,28 @@ class _Points:
         return np.concatenate(self.ts), np.concatenate(self.lane)
 
 
-@dataclass
 class TraceScan:
-    """Everything the page shows about the trace itself, aggregated in one pass."""
+    """Everything the page shows about the trace itself, aggregated in one pass (``add`` per batch)."""
 
-    t0: int
-    width: int  # ns per bin
-    n_bins: int
-    start_event: str
-    lanes: dict[tuple[int, str], int] = field(default_factory=dict)  # (vm index, lane name) -> plot row
-    event_bins: np.ndarray = None  # type: ignore[assignment]  # (len(EVENTS), n_bins)
-    fault_bins: np.ndarray = None  # type: ignore[assignment]
-    live_delta: np.ndarray = None  # type: ignore[assignment]  # (5 levels * 2 direct, n_bins)
-    quota_used: np.ndarray = None  # type: ignore[assignment]
-    quota_max: np.ndarray = None  # type: ignore[assignment]
-    points: dict[str, _Points] = field(default_factory=dict)
-    page_parts: list[pd.DataFrame] = field(default_factory=list)
-    spte_parts: list[pd.DataFrame] = field(default_factory=list)
-    faults: int = 0
-
-    def __post_init__(self) -> None:
-        self.event_bins = np.zeros((len(EVENTS), self.n_bins), np.int64)
-        self.fault_bins = np.zeros(self.n_bins, np.int64)
-        self.live_delta = np.zeros((10, self.n_bins), np.int64)
-        self.quota_used = np.full(self.n_bins, np.nan)
-        self.quota_max = np.full(self.n_bins, np.nan)
+    def __init__(self, t0: int, width: int, n_bins: int, start_event: str) -> None:
+        self.t0, self.width, self.n_bins, self.start_event = t0, width, n_bins, start_event  # width: ns per bin
+        self.lanes: dict[tuple[int, str], int] = {}  # (VM ordinal, lane name) -> timeline row
+        self.event_bins = np.zeros((len(EVENTS), n_bins), np.int64)
+        self.fault_bins = np.zeros(n_bins, np.int64)
+        self.live_delta = np.zeros((10, n_bins), np.int64)  # (level - 1) * 2 + direct
+        self.quota_used = np.full(n_bins, np.nan)
+        self.quota_max = np.full(n_bins, np.nan)
         self.points = {k: _Points() for k in ("fault", "sp created", "zap", "zap_all_fast")}
-        self._cutter = FaultCutter(self.start_event)
+        self.page_parts: list[pd.DataFrame] = []
+        self.spte_parts: list[pd.DataFrame] = []
+        self.faults = 0
+        self._cutter = FaultCutter(start_event)
         self._cut_codes = np.array(sorted(_CATALOGUE[e] for e in self._cutter.cut_events if e in _CATALOGUE))
         self._names = [e.name for e in EVENTS]
         self._lane_names = Lanes()
 
     def lane_labels(self) -> dict[int, str]:
-        return {i: f"{'no VM' if vm < 0 else f'vm{vm}'} {name}" for (vm, name), i in self.lanes.items()}
+        return {i: lane_label(vm, name) for (vm, name), i in self.lanes.items()}
 
     def bin_seconds(self) -> np.ndarray:
         return (np.arange(self.n_bins) + 0.5) * self.width / 1e9
@@ -239,7 +227,7 @@ def scan_trace(reader: Any, by_event: dict[str, int]) -> TraceScan:
     t0 = int(first.column(0)[0].as_py()) if first is not None and first.num_rows else 0
     span = max(int(reader.span_ns), 1)
     # The time axis starts at the first event or the first marker, whichever is earlier.
-    markers = _markers(dict(reader.metadata))
+    markers = markers_of(dict(reader.metadata))
     if markers and markers[0][0] < t0:
         span, t0 = span + t0 - markers[0][0], markers[0][0]
     n_bins = int(min(N_BINS, max(1, sum(by_event.values()) // 4)))
@@ -266,30 +254,25 @@ def _json_for_html(value: Any) -> str:
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
-def _cell(value: Any, sort: Any = None, cls: str = "") -> str:
-    sort_attr = f' data-sort="{esc(str(sort))}"' if sort is not None else ""
-    cls_attr = f' class="{cls}"' if cls else ""
-    return f"<td{sort_attr}{cls_attr}>{value if isinstance(value, _Html) else esc(str(value))}</td>"
-
-
 class _Html(str):
-    """Markup built here (already escaped), passed through ``_cell`` unchanged."""
+    """Markup built here (already escaped): table cells, links."""
 
 
-def _table(table_id: str, headers: list[str], rows: list[list[Any]], note: str = "") -> str:
-    """A sortable (click a header), filterable (type in the box) table; cells are values or _cell()s."""
+def _td(value: Any, sort: Any = None) -> _Html:
+    """One table cell; ``sort`` (a number or string) is what the column sorts by instead of the text."""
+    sort_attr = f' data-sort="{esc(str(sort))}"' if sort is not None else ""
+    return _Html(f"<td{sort_attr}>{value if isinstance(value, _Html) else esc(str(value))}</td>")
+
+
+def _table(table_id: str, headers: list[str], rows: list[list[_Html]], note: str = "") -> str:
+    """A sortable (click a header), filterable (type in the box) table of ``_td`` cells."""
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "\n".join("<tr>" + "".join(c if isinstance(c, _Html) and c.startswith("<td") else _cell(c) for c in row)
-                     + "</tr>" for row in rows)
+    body = "\n".join("<tr>" + "".join(row) + "</tr>" for row in rows)
     note_html = f'<p class="note">{esc(note)}</p>' if note else ""
     return _Html(f'<div class="tablebox"><input class="filter" type="search" placeholder="filter rows…" '
                  f'data-table="{table_id}"> <span class="count" id="{table_id}-count">{len(rows)} rows</span>'
                  f'{note_html}<table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead>'
                  f"<tbody>\n{body}\n</tbody></table></div>")
-
-
-def _td(value: Any, sort: Any = None, cls: str = "") -> _Html:
-    return _Html(_cell(value, sort, cls))
 
 
 def _kv_table(pairs: list[tuple[str, Any]]) -> str:
@@ -321,16 +304,6 @@ class _Figure:
     def script(self) -> str:
         fig = _json_for_html(pio.to_json(self.figure, validate=False))
         return (f"mmutracePlot({json.dumps(self.div_id)}, {fig});")
-
-
-def _markers(metadata: dict[str, Any]) -> list[tuple[int, str]]:
-    out = []
-    for m in metadata.get("markers") or []:
-        if isinstance(m, dict) and "ts_ns" in m:
-            out.append((int(m["ts_ns"]), str(m.get("text", ""))))
-        elif isinstance(m, (list, tuple)) and len(m) == 2:
-            out.append((int(m[0]), str(m[1])))
-    return sorted(out)
 
 
 def _mark_phases(fig: go.Figure, markers: list[tuple[int, str]], t0: int) -> None:
@@ -383,7 +356,7 @@ class Report:
 def _run_section(report: Report, reader: Any, metadata: dict[str, Any], by_event: dict[str, int],
                  scan: TraceScan, lost: int) -> None:
     scen = metadata.get("scenario") or {}
-    markers = _markers(metadata)
+    markers = markers_of(metadata)
     pairs: list[tuple[str, Any]] = [
         ("trace", str(reader.path)),
         ("host kernel", metadata.get("kernel_release")),
@@ -584,7 +557,8 @@ def _diff_section(report: Report, diff: DiffResult) -> None:
     for i, d in enumerate(shown):
         field_name = d.kind.rpartition(".")[2]
         rows.append([_td(d.kind), _td(d.where), _td(d.lane_label),
-                     _td("—" if d.ts_a is None else d.ts_a, d.ts_a), _td(format_value(field_name, d.a)),
+                     _td("—" if d.ts_a is None else d.ts_a, d.ts_a), _td("—" if d.ts_b is None else d.ts_b, d.ts_b),
+                     _td(format_value(field_name, d.a)),
                      _td(format_value(field_name, d.b)), _td(d.detail),
                      _td(_Html(f'<a href="#diff-{i}">context</a>') if d.context else "")])
         if d.context:
@@ -604,7 +578,7 @@ def _diff_section(report: Report, diff: DiffResult) -> None:
                      ("ignored fields", ", ".join(diff.ignored)), *(("note", n) for n in diff.notes)])
         + ("<h3>Differences per kind</h3>" + _table("diff-kinds", ["kind", "count"], kinds) if kinds else "")
         + ("<h3>Differences, side by side</h3>"
-           + _table("differences", ["kind", "where", "lane", "ts A (ns)", "A", "B", "bits", ""], rows)
+           + _table("differences", ["kind", "where", "lane", "ts A (ns)", "ts B (ns)", "A", "B", "bits", ""], rows)
            + "<div class='contexts'>" + "".join(details) + "</div>" if rows else ""))))
 
 
@@ -642,7 +616,7 @@ def build_report(trace: Path, output: Path, *, replay: bool = False, model: str 
         raise MmutraceError(f"{trace}: the trace has no faults (no {scan.start_event} events on a vCPU): "
                             "nothing to report")
     lost = int(reader.lost_total)
-    markers = _markers(metadata)
+    markers = markers_of(metadata)
     report = Report(f"mmutrace report: {trace.name}")
     report.data.update({"events": sum(by_event.values()), "lost": lost, "by_event": by_event,
                         "span_ns": int(reader.span_ns), "faults": scan.faults, "vcpus": len(scan.lanes),
