@@ -751,10 +751,17 @@ class ShadowMmu:
     def kvm_shadow_mmu_unmap_gfn_range(self, start: int, end: int) -> bool:
         """kvm_zap_rmap over [start, end) at every level: leaf SPTEs go, no shadow page is zapped."""
         flush = False
-        for key in [k for k in self.rmaps if start >> (9 * (k[0] - 1)) <= k[1] <= (end - 1) >> (9 * (k[0] - 1))]:
-            for sp, index in list(self.rmaps.pop(key)):
-                sp.sptes.pop(index, None)
-                flush = True
+        for level in (1, 2, 3):
+            shift = 9 * (level - 1)
+            first, last = start >> shift, (end - 1) >> shift
+            if last - first < len(self.rmaps):
+                keys = [(level, frame) for frame in range(first, last + 1) if (level, frame) in self.rmaps]
+            else:
+                keys = [k for k in self.rmaps if k[0] == level and first <= k[1] <= last]
+            for key in keys:
+                for sp, index in self.rmaps.pop(key):
+                    sp.sptes.pop(index, None)
+                    flush = True
         return flush
 
     def forget_all_leaf_sptes(self) -> None:

@@ -86,10 +86,10 @@ def register(app: typer.Typer) -> None:
 
             raise UsageError(f"--split must be pre or rfc, not {split!r}")
         result = replay_trace(trace, split=split, allow_lost=allow_lost, assume_version=assume_version,
-                              max_divergences=max_divergences)
+                              max_divergences=max_divergences, keep_model_events=False)
         if as_json:
             out: dict[str, Any] = result.to_json()
             typer.echo(json.dumps(out))
         else:
-            print_result(result, Console(highlight=False))
+            print_result(result, Console(highlight=False, width=max(Console().width, 120)))
         raise typer.Exit(1 if result.diverged else 0)
