@@ -47,7 +47,7 @@ R_ZAP_ALL_FAST = "memslot change untraced (cause of kvm_mmu_zap_all_fast)"
 R_EMULATION = "emulated write to a shadowed guest page table: instruction and bytes untraced"
 R_STALE = "mmu_notifier invalidation during the fault: memslot hva layout untraced"
 R_LOST = "events lost on this CPU"
-R_UNEXPLAINED = "shadow-MMU decision outside any traced cause"
+R_WALK = "guest walk incomplete in the trace (a kvm_mmu_paging_element missing)"
 R_TDP = "TDP MMU decision: no TDP MMU model installed"
 
 #: Events that end a vCPU thread's current episode (the guest ran again or exited to userspace).
@@ -311,7 +311,7 @@ class VmReplay:
         vcpu = self.vcpu_of(t, row.get("vcpu"))
         root_gfn = vcpu.root_gfn if vcpu.root_gfn is not None else (vcpu.root.gfn if vcpu.root else 0)
         walk.walker = w = walk_addr_generic(PTTYPE_64, vcpu.cpu_role, root_gfn, walk.addr, walk.access, walk.ptes)
-        reason = "guest walk incomplete in the trace" if w.truncated else (
+        reason = R_WALK if w.truncated else (
             None if vcpu.root is not None or vcpu.root_gfn is not None else R_ROOT)
         for event, gpa in w.ad_writes:
             t.pending.append(Decision(event, {"addr": gpa}, "FNAME(update_accessed_dirty_bits)", reason))
@@ -331,7 +331,7 @@ class VmReplay:
         t.fault_started = True
         w = walk.walker
         if w is None or w.fault_error_code is not None or w.truncated or vcpu is None or vcpu.root is None:
-            t.context = R_ROOT if vcpu is None or vcpu.root is None else "guest walk failed or incomplete"
+            t.context = R_ROOT if vcpu is None or vcpu.root is None else R_WALK
             return
         fault = KvmPageFault(addr=walk.addr, error_code=walk.access, walker=w)
         stale = self.stale_since(walk.ts)

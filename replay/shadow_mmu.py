@@ -606,9 +606,6 @@ class ShadowMmu:
 
     # ------------------------------------------------------------------ quota
 
-    def n_used_mmu_pages(self) -> int:
-        return self.arch.n_used_mmu_pages
-
     def make_mmu_pages_available(self, vcpu: VcpuMmu) -> int:
         """Reclaim down to KVM_REFILL_PAGES free when fewer than KVM_MIN_FREE_MMU_PAGES are left."""
         avail = self.kvm_mmu_available_pages()
@@ -763,12 +760,6 @@ class ShadowMmu:
                     sp.sptes.pop(index, None)
                     flush = True
         return flush
-
-    def forget_all_leaf_sptes(self) -> None:
-        """An unmap the model cannot place (no memslot layout): every leaf SPTE may be gone."""
-        for entries in self.rmaps.values():
-            for sp, index in entries:
-                sp.sptes[index] = UNKNOWN_SPTE
 
     def kvm_shadow_mmu_slot_remove_write_access(self, slot: Memslot, start_level: int) -> None:
         """Dirty logging on: clear W (keep MMU-writable) on every leaf SPTE of the slot."""
