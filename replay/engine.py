@@ -177,7 +177,7 @@ class Columns(dict):
         return values
 
     def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
-        return self[name] if name in READ_COLUMNS or name in self.batch.schema.names else default
+        return self[name]  # an absent column reads as all-null
 
 
 # --------------------------------------------------------------------------------------------
@@ -739,8 +739,8 @@ class Row:
         return self.cols[name][self.i]
 
     def get(self, name: str, default: Any = None) -> Any:
-        column = self.cols.get(name)
-        return default if column is None else column[self.i]
+        """The column's value here (None where the trace has no such column)."""
+        return self.cols[name][self.i]
 
 
 def _replay_batch(batch: pa.RecordBatch, vms: dict[int, VmReplay], result: ReplayResult, rules: VersionRules,
