@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmutrace import schema, storage, tracefs
+from mmutrace import hostinfo, schema, storage, tracefs
 from mmutrace.errors import HostError, UsageError
 
 #: How long the consumer sleeps when the ring is empty: at 1.5M events/s that is ~2 MiB of records,
@@ -76,6 +76,7 @@ class RecordResult:
     child_status: int | None
     scenario: dict[str, Any] | None
     cpu_s: float
+    metadata: dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,13 +150,17 @@ _GATE = "import os, sys; fd = int(sys.argv[1]); os.read(fd, 1); os.close(fd); os
 
 
 class Child:
-    """A command started held at a gate, so its pid can be targeted before it runs any KVM code."""
+    """A command started held at a gate, so its pid can be targeted before it runs any KVM code.
+
+    It runs in its own session: the recorder decides when it ends (Ctrl-C stops the recording,
+    which then ends the command and everything it started, by process group).
+    """
 
     def __init__(self, command: list[str], capture_stdout: bool) -> None:
         self._gate_r, self._gate_w = os.pipe()
         try:
             self.proc = subprocess.Popen([sys.executable, "-c", _GATE, str(self._gate_r), *command],
-                                         pass_fds=(self._gate_r,),
+                                         pass_fds=(self._gate_r,), start_new_session=True,
                                          stdout=subprocess.PIPE if capture_stdout else None)
         except OSError as exc:
             raise UsageError(f"cannot start {command[0]}: {exc.strerror}") from None
@@ -171,14 +176,15 @@ class Child:
     def finished(self) -> bool:
         return self.proc.poll() is not None
 
-    def finish(self) -> int:
-        """Wait for the child (terminating it if the recording stopped first) and collect its output."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
+    def finish(self, terminate: bool = True) -> int:
+        """Wait for the child and collect its output; ``terminate`` ends it first if it still runs
+        (the recording stopped before the command did)."""
+        if terminate and self.proc.poll() is None:
+            os.killpg(self.pid, signal.SIGTERM)
         try:
-            out, _ = self.proc.communicate(timeout=10)
+            out, _ = self.proc.communicate(timeout=10 if terminate else None)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.pid, signal.SIGKILL)
             out, _ = self.proc.communicate()
         self.stdout = out or b""
         return self.proc.returncode
@@ -203,15 +209,6 @@ def stop_on_sigterm() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-def host_metadata() -> dict[str, Any]:
-    """Host facts for the file (kernel, KVM backend and parameters), from mmutrace.hostinfo."""
-    try:
-        from mmutrace import hostinfo
-    except ImportError:  # hostinfo lands with `mmutrace doctor`
-        return {"kernel_release": os.uname().release}
-    return hostinfo.host_metadata()
-
-
 class _Stop:
     """When a recording ends: the child exits, the pid disappears, or the duration passes."""
 
@@ -231,7 +228,7 @@ class _Stop:
 
 def _base_metadata(opts: RecordOptions) -> dict[str, Any]:
     meta: dict[str, Any] = {
-        **host_metadata(),
+        **hostinfo.host_metadata(),
         "recorder": opts.backend.value,
         "origin": "host",
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -359,7 +356,7 @@ def _record_bcc(opts: RecordOptions, command: list[str] | None, status: bool) ->
         ring.close()
         probes.close()
     return RecordResult(opts.output, events, result_meta["lost_total"], hits, stop_reason, child_status,
-                        result_meta.get("scenario"), time.process_time() - cpu0)
+                        result_meta.get("scenario"), time.process_time() - cpu0, result_meta)
 
 
 def _record_tracefs(opts: RecordOptions, command: list[str] | None, status: bool) -> RecordResult:
@@ -388,4 +385,4 @@ def _record_tracefs(opts: RecordOptions, command: list[str] | None, status: bool
             child.finish()
         capture.cleanup()
     return RecordResult(opts.output, events, result_meta["lost_total"], {}, stop_reason, child_status,
-                        result_meta.get("scenario"), time.process_time() - cpu0)
+                        result_meta.get("scenario"), time.process_time() - cpu0, result_meta)

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from mmutrace import schema
+from mmutrace import hostinfo, schema
 from mmutrace.errors import HostError
 from probes import btf
 from probes.layout import NR_SLOTS, RECORD_DTYPE
@@ -63,15 +63,12 @@ _MEMBER_RE = re.compile(r"\b(?:OFF_)?([a-z][a-z0-9_]*?__[a-z0-9_]+)\b")
 
 
 def kernel_source() -> Path:
-    """The header tree bcc compiles against (BCC_KERNEL_SOURCE, the kernel's build dir, or the one
-    ./run.sh setup makes); HostError when none exists."""
-    release = os.uname().release
-    candidates = [os.environ.get("BCC_KERNEL_SOURCE"), f"/lib/modules/{release}/build",
-                  f"/var/cache/mmutrace/headers-{release}"]
-    for path in filter(None, candidates):
-        if (Path(path) / "include").is_dir():
-            return Path(path)
-    raise HostError(f"no kernel headers for bcc ({' or '.join(filter(None, candidates))}); run ./run.sh setup")
+    """The header tree bcc compiles against (mmutrace.hostinfo); HostError when there is none."""
+    source = hostinfo.bcc_kernel_source()
+    if source is None:
+        raise HostError(f"no kernel headers for bcc (/lib/modules/{hostinfo.kernel_release()}/build or "
+                        f"{hostinfo.HEADER_CACHE}/headers-{hostinfo.kernel_release()}); run ./run.sh setup")
+    return source
 
 
 def probe_name(event: str) -> str:
@@ -120,7 +117,8 @@ class MmuProbes:
         kernel = btf.vmlinux()
         check_prototypes(kernel, events + ["kvm_entry"])
         text = program_text(events, targets is not None, kernel)
-        os.environ.setdefault("BCC_KERNEL_SOURCE", str(kernel_source()))
+        kernel_source()
+        os.environ.update(hostinfo.bcc_environment())
         try:
             from bcc import BPF
         except ImportError:
@@ -143,14 +141,18 @@ class MmuProbes:
         table = self.bpf[b"targets"]
         table[table.Key(tgid)] = table.Leaf(1)
 
+    def _stats(self) -> list:
+        """Each CPU's ``struct cpu_stats``."""
+        return list(self.bpf[b"stats"][ctypes.c_int(0)])
+
     def lost(self) -> dict[str, int]:
         """Reserve failures per CPU (the ring buffer was full)."""
-        return {str(cpu): int(v) for cpu, v in enumerate(self.bpf[b"lost"][ctypes.c_int(0)])}
+        return {str(cpu): int(st.lost) for cpu, st in enumerate(self._stats())}
 
     def hits(self) -> dict[str, int]:
         """How often each wanted event's probe fired for a recorded process, all CPUs."""
-        table = self.bpf[b"hits"]
-        return {kind.name: int(sum(table[ctypes.c_int(i)])) for i, kind in enumerate(schema.EVENTS)
+        per_cpu = self._stats()
+        return {kind.name: sum(int(st.hits[i]) for st in per_cpu) for i, kind in enumerate(schema.EVENTS)
                 if kind.name in self.events}
 
     def close(self) -> None:

@@ -35,11 +35,23 @@ struct mmu_record {
 	u64 f[NR_SLOTS];
 };
 
-/* What learn_vcpu() learnt about a thread: later events on it belong to this VM and vCPU. */
+/*
+ * What learn_vcpu() learnt about a thread: later events on it belong to this VM and vCPU.  The
+ * filter's verdict is cached here too, so the hot path (events on a vCPU thread) costs one hash
+ * lookup.  @tgid guards against a reused tid.
+ */
 struct vcpu_ctx {
 	u64 kvm;
 	s32 vcpu_id;
-	s32 pad;
+	u32 tgid;
+	u8 recorded;
+};
+
+/* Per-CPU counters, one map lookup per event. */
+struct cpu_stats {
+	u32 seq;                /* next record's seq */
+	u64 lost;               /* ring buffer full */
+	u64 hits[NR_EVENTS];    /* probe hits of recorded processes, per event */
 };
 
 /* A KVM ioctl between sys_enter and sys_exit. */
@@ -50,12 +62,10 @@ struct pending_ioctl {
 };
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(seqs, u32, 1);
-BPF_PERCPU_ARRAY(lost, u64, 1);
-BPF_PERCPU_ARRAY(hits, u64, NR_EVENTS);
+BPF_PERCPU_ARRAY(stats, struct cpu_stats, 1);
 BPF_HASH(targets, u32, u8, 1024);               /* tgids recorded (FILTER) */
 BPF_HASH(vms, u64, u8, 256);                    /* struct kvm * of VMs owned by targets */
-BPF_TABLE("lru_hash", u32, struct vcpu_ctx, vcpu_of_tid, 4096);
+BPF_HASH(vcpu_of_tid, u32, struct vcpu_ctx, 16384);
 BPF_HASH(vm_of_tgid, u32, u64, 1024);
 BPF_HASH(ioctls, u32, struct pending_ioctl, 1024);
 
@@ -82,6 +92,16 @@ static __always_inline u64 mmu_pages(u64 kvm)
 	return PACK2(F(kvm, kvm__arch__n_used_mmu_pages), F(kvm, kvm__arch__n_max_mmu_pages));
 }
 
+/* The filter: a targeted process (or its child), or a VM one of them owns. */
+static __always_inline bool is_recorded(u32 tgid, u64 kvm)
+{
+#if FILTER
+	return targets.lookup(&tgid) || (kvm && vms.lookup(&kvm));
+#else
+	return true;
+#endif
+}
+
 /*
  * Start a record of @event, or return NULL when the event is filtered out or the ring is full
  * (counted in lost).  @kvm/@vcpu_id: the event's own VM and vCPU when its arguments name them,
@@ -91,30 +111,33 @@ static __always_inline struct mmu_record *record_begin(u32 event, u64 kvm, s32 v
 {
 	u64 pid_tgid = bpf_get_current_pid_tgid();
 	u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid, zero = 0;
+	struct vcpu_ctx *ctx = vcpu_of_tid.lookup(&tid);
+	bool recorded;
 
-	if (!kvm) {
-		struct vcpu_ctx *ctx = vcpu_of_tid.lookup(&tid);
-		if (ctx) {
+	if (ctx && ctx->tgid == tgid) {
+		if (!kvm) {
 			kvm = ctx->kvm;
 			vcpu_id = ctx->vcpu_id;
-		} else {
+		}
+		recorded = ctx->recorded;
+	} else {
+		if (!kvm) {
 			u64 *owned = vm_of_tgid.lookup(&tgid);
 			if (owned)
 				kvm = *owned;
 		}
+		recorded = is_recorded(tgid, kvm);
 	}
-#if FILTER
-	if (!targets.lookup(&tgid) && !(kvm && vms.lookup(&kvm)))
+	if (!recorded)
 		return NULL;
-#endif
-	hits.increment(event);
-	u32 *seq = seqs.lookup(&zero);
-	if (!seq)
+	struct cpu_stats *st = stats.lookup(&zero);
+	if (!st || event >= NR_EVENTS)
 		return NULL;
-	u32 n = (*seq)++;
+	st->hits[event]++;
+	u32 n = st->seq++;
 	struct mmu_record *r = events.ringbuf_reserve(sizeof(struct mmu_record));
 	if (!r) {
-		lost.increment(zero);
+		st->lost++;
 		return NULL;
 	}
 	r->ts_ns = bpf_ktime_get_ns();
@@ -413,12 +436,12 @@ static __always_inline void learn_vcpu(u64 kvm, s32 vcpu_id)
 	u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
 	struct vcpu_ctx *known = vcpu_of_tid.lookup(&tid);
 
-	if (known && known->kvm == kvm && known->vcpu_id == vcpu_id)
+	if (known && known->kvm == kvm && known->vcpu_id == vcpu_id && known->tgid == tgid)
 		return;
-	struct vcpu_ctx c = {.kvm = kvm, .vcpu_id = vcpu_id};
+	own_vm(tgid, kvm);
+	struct vcpu_ctx c = {.kvm = kvm, .vcpu_id = vcpu_id, .tgid = tgid, .recorded = is_recorded(tgid, kvm)};
 	vcpu_of_tid.update(&tid, &c);
 	vm_of_tgid.update(&tgid, &kvm);
-	own_vm(tgid, kvm);
 }
 
 RAW_TRACEPOINT_PROBE(kvm_entry)	/* (struct kvm_vcpu *, bool force_immediate_exit) */

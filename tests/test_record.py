@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmutrace import ftrace_text, schema, storage, tracefs
+from mmutrace import ftrace_text, hostinfo, schema, storage, tracefs
 from mmutrace.record import RecordOptions, RecordResult, ScenarioSpec, record
 from mmutrace.scenarios import SCENARIOS
 from test_probes import frame
@@ -130,6 +130,9 @@ def test_metadata_is_filled(touch: Recorded) -> None:
     meta = run.metadata
     assert meta["recorder"] == "bcc" and meta["origin"] == "host" and meta["complete"] is True
     assert meta["kernel_release"] == os.uname().release
+    host = hostinfo.host_metadata()
+    assert {k: meta[k] for k in ("kvm_backend", "kvm_params", "vendor_params", "tdp_mmu")} == \
+        {k: host[k] for k in ("kvm_backend", "kvm_params", "vendor_params", "tdp_mmu")}
     assert "raw_tracepoint:kvm_mmu_spte_requested" in meta["probes"]
     assert "tracepoint:syscalls:sys_enter_ioctl" in meta["probes"]
     assert meta["event_inputs"]["kvm_mmu_spte_requested"] == list(schema.event_kind("kvm_mmu_spte_requested").inputs)
@@ -173,40 +176,47 @@ def _wait_for(predicate, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(MMUTRACE + ["record", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+#: A command that keeps a guest faulting until it is stopped: small touch runs, one after another.
+GUEST_LOOP = ["--", "sh", "-c",
+              f"while :; do {sys.executable} -m mmutrace.scenarios run touch --size 4096 --seed 0 >/dev/null; done"]
+
+
+def _start(out: Path) -> subprocess.Popen:
+    """``mmutrace record`` of GUEST_LOOP, once it has flushed its first segment.  Its output goes to
+    files: a pipe would stay open in the traced command when the recorder is killed."""
+    log = out.with_suffix(".log").open("w")
+    proc = subprocess.Popen(MMUTRACE + ["record", "-o", str(out), *GUEST_LOOP], stdout=log, stderr=log, text=True)
+    _wait_for(lambda: any(storage.partial_dir(out).glob("seg-*.parquet")))
+    return proc
 
 
 @pytest.mark.bcc
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_run_leaves_a_complete_file(tmp_path: Path, signum: int) -> None:
     out = tmp_path / "stopped.parquet"
-    proc = _start(["--scenario", "touch", "--size", "500000", "-o", str(out)])
-    _wait_for(lambda: any(storage.partial_dir(out).glob("seg-*.parquet")))
+    proc = _start(out)
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    assert proc.wait(timeout=60) == 0, out.with_suffix(".log").read_text()
     trace = storage.open_trace(out)
     assert trace.metadata["complete"] is True and trace.metadata["stop_reason"] == "interrupted"
     assert trace.num_rows > 0 and not storage.partial_dir(out).exists()
+    assert trace.event_counts()["kvm_mmu_spte_requested"] > 0
 
 
 @pytest.mark.bcc
 def test_killed_recording_is_repaired_up_to_its_last_flush(tmp_path: Path) -> None:
     out = tmp_path / "killed.parquet"
-    proc = _start(["--scenario", "touch", "--size", "500000", "-o", str(out)])
-    segments = storage.partial_dir(out)
-    _wait_for(lambda: any(segments.glob("seg-*.parquet")))
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    proc = _start(out)
+    command = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
     proc.kill()
-    proc.communicate()
-    for child in children:  # the scenario the killed recorder had started
-        os.kill(int(child), signal.SIGKILL)
+    proc.wait()
+    os.killpg(command, signal.SIGKILL)  # the traced command outlives its recorder: end it
+    segments = storage.partial_dir(out)
     flushed = sum(pq.read_table(p).num_rows for p in sorted(segments.glob("seg-*.parquet")))
     repaired = storage.repair(out)
     trace = storage.open_trace(repaired)
     assert trace.metadata["complete"] is False
-    assert trace.num_rows == flushed
+    assert trace.num_rows == flushed > 0
 
 
 @pytest.mark.bcc
