@@ -4,9 +4,12 @@ the same invocation.
 Examples:
     mmutrace bench record                  # touch, 100000 pages (~1.5M events): none / tracefs / bcc
     mmutrace bench record --size 200000 --seed 3
+    mmutrace bench replay big.parquet      # replay vs reading the same file (>= 5M events)
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
@@ -35,6 +38,38 @@ def record_bench(
     for row in table_rows(runs, faults):
         table.add_row(*row)
     Console(width=max(Console().width, 130)).print(table)
+
+
+@bench_app.command("replay")
+def replay_bench(
+    trace: Path = typer.Argument(..., help="a trace of at least --min-events events, e.g. "
+                                 "`mmutrace record --scenario touch --size 350000 -o big.parquet`"),
+    min_events: int = typer.Option(5_000_000, help="refuse smaller traces"),
+    as_json: bool = typer.Option(False, "--json", help="print the figures as one JSON object"),
+) -> None:
+    """Replay events/s on one core against just reading the same Parquet file; peak RSS of each."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from replay.bench import bench_replay
+
+    figures = bench_replay(trace, min_events)
+    if as_json:
+        typer.echo(json.dumps(figures))
+        return
+    table = Table(title=f"mmutrace bench replay: {trace} ({figures['events']:,} events, one core)")
+    for column in ("job", "CPU s", "wall s", "events/CPU s", "peak RSS MB"):
+        table.add_column(column, justify="left" if column == "job" else "right")
+    for job, label in (("arrow", "read (Arrow)"), ("read", "read + to Python"), ("replay", "replay")):
+        f = figures[job]
+        table.add_row(label, f"{f['cpu_s']:.2f}", f"{f['wall_s']:.2f}", f"{f['events_per_cpu_s']:,}",
+                      f"{f['peak_rss_mb']:.0f}")
+    console = Console(width=max(Console().width, 110))
+    console.print(table)
+    console.print(f"replay speed / read speed: {figures['replay_vs_arrow_read']} (Arrow), "
+                  f"{figures['replay_vs_python_read']} (to Python); replay verdicts {figures['replay']['verdicts']}")
 
 
 def register(app: typer.Typer) -> None:
