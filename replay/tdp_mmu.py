@@ -60,9 +60,6 @@ class TdpRules:
     #: tdp_mmu_zap_spte_atomic reports old -> REMOVED_SPTE before the flush (6.1) or, after the
     #: flush and the final write, old -> the non-present value (6.3+).
     zap_atomic_reports_removed: bool
-    #: 6.1 zaps invalidated roots in a kworker (tdp_mmu_zap_wq): outside the VMM process, so a
-    #: per-process recording never sees those events; 6.12 zaps them in the caller's thread.
-    invalidated_roots_zapped_by_worker: bool
     #: Roots start with one reference (6.1, the vCPU's) or two (6.12: vCPU + the TDP MMU's own).
     root_initial_refcount: int
     #: Kernel function that allocates a vCPU's root (the decision's twin).
@@ -77,12 +74,11 @@ class TdpRules:
 
 TDP_RULES_6_1 = TdpRules("6.1", zap_root_levels=(PG_LEVEL_1G, TDP_ROOT_LEVEL), split_huge_in_place=False,
                          zap_atomic_reports_removed=True,
-                         invalidated_roots_zapped_by_worker=True, root_initial_refcount=1,
+                         root_initial_refcount=1,
                          alloc_root_twin="kvm_tdp_mmu_get_vcpu_root_hpa", ret_pf_invalid=3, ret_pf_fixed=4,
                          ret_pf_spurious=5, fast_pf_error_code_mask=0xFFFFFFFF)
 TDP_RULES_6_12 = TdpRules("6.12", zap_root_levels=(PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, TDP_ROOT_LEVEL),
                           split_huge_in_place=True, zap_atomic_reports_removed=False,
-                          invalidated_roots_zapped_by_worker=False,
                           root_initial_refcount=2, alloc_root_twin="kvm_tdp_mmu_alloc_root", ret_pf_invalid=4,
                           ret_pf_fixed=5, ret_pf_spurious=6, fast_pf_error_code_mask=(1 << 64) - 1)
 TDP_RULES: dict[str, TdpRules] = {"6.1": TDP_RULES_6_1, "6.12": TDP_RULES_6_12,
@@ -158,6 +154,9 @@ class TdpMmu:
         self.roots: list[TdpPage] = []
         #: Pages whose table pfn is still unknown, by (level, gfn): learned from the linking SPTE.
         self.unlinked_pfn: dict[tuple[int, int], TdpPage] = {}
+        #: Host mapping level last seen for each 2M frame (gfn >> 9), from faults outside dirty
+        #: logging (while logging, req_level is capped at 4K whatever the host maps).
+        self.host_level: dict[int, int] = {}
 
     def kvm_mmu_uninit_tdp_mmu(self) -> None:
         self.kvm_mmu_init_tdp_mmu()
@@ -229,16 +228,14 @@ class TdpMmu:
                 vcpu.needs_load = True  # KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
 
     def kvm_tdp_mmu_zap_invalidated_roots(self) -> None:
-        """Zap each invalidated root (shared), then drop the zap's reference.  6.1 does this in a
-        kworker: the model applies it without predicting events the VMM's recording cannot hold."""
-        worker = self.tdp_rules.invalidated_roots_zapped_by_worker
+        """Zap each invalidated root (shared mmu_lock), then drop the zap's reference.  In the
+        caller's thread in both lab kernels: upstream 6.1.0 used a kworker, Debian's 6.1.192 does not
+        (its memslot_churn trace has the zap on the VMM's thread right after kvm_mmu_zap_all_fast)."""
         for root in [r for r in self.roots if r.invalid]:
             self.tdp_mmu_zap_root(root, shared=True)
             root.refcount -= 1
             if root.refcount <= 0:
                 self.roots.remove(root)
-        if worker:
-            self.arch.tp.drain()
 
     def kvm_tdp_mmu_zap_all(self) -> None:
         """VM teardown (kvm_mmu_zap_all): every root, exclusive mmu_lock."""
@@ -382,6 +379,8 @@ class TdpMmu:
             fault.goal_level = inputs.recorded_level
             return R_HOST_LEVEL
         fault.req_level = inputs.req_level
+        if not self._dirty_logged(fault.gfn):
+            self.host_level[fault.gfn >> 9] = inputs.req_level
         huge_disallowed = fault.exec and self.arch.nx_huge_pages
         fault.goal_level = 1 if huge_disallowed else max(inputs.req_level, 1)
         return None
@@ -533,6 +532,24 @@ class TdpMmu:
                 self.tdp_mmu_set_spte(it, it.old_spte & ~PT_WRITABLE_MASK, True, "wrprot_gfn_range")
                 changed = True
         return changed
+
+    def kvm_tdp_mmu_zap_collapsible_sptes(self, slot: Memslot) -> None:
+        """Dirty logging off: zap each table at 2M/1G inside the slot that the host could map huge
+        (zap_collapsible_spte_range, shared); the next faults map huge pages again."""
+        start, end = slot.base_gfn, slot.base_gfn + slot.npages
+        for root in [r for r in self.roots if not r.invalid]:
+            for it in self.for_each_tdp_pte_min_level(root, PG_LEVEL_2M, start, end):
+                if it.level > PG_LEVEL_1G or not is_shadow_present_pte(it.old_spte) or is_last_spte(it.old_spte, it.level):
+                    continue
+                if it.gfn < start or it.gfn >= end:
+                    continue
+                host = self.host_level.get(it.gfn >> 9)
+                if host is None:
+                    self._emit("kvm_tdp_mmu_spte_changed", {"gfn": it.gfn, "level": it.level}, "zap_collapsible_spte_range",
+                               undecidable=R_HOST_LEVEL)
+                    continue
+                if host >= it.level:
+                    self.tdp_mmu_zap_spte_atomic(it)
 
     def kvm_tdp_mmu_clear_dirty_slot(self, slot: Memslot) -> bool:
         """clear_dirty_gfn_range (PML only: AMD has none, so never called on the lab's kvm_amd)."""

@@ -123,13 +123,18 @@ class TdpReplay:
         self.unmapped_blind.discard(t.tid)
 
     def set_memory_region(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
-        """Common code handles the slot; turning dirty logging on is kvm_mmu_slot_apply_flags: eager
-        split to 4K (kvm param eager_page_split), then write-protect every leaf (no PML on AMD)."""
+        """Common code handles the slot; a dirty-logging toggle is kvm_mmu_slot_apply_flags: on, eager
+        split to 4K (kvm param eager_page_split) then write-protect every leaf (no PML on AMD); off,
+        zap the tables that can become huge pages again."""
         vm = self.vm
         old = vm.arch.memslots.get(row["slot_id"])
         vm.ioctl(t, ev, row)
         new = vm.arch.memslots.get(row["slot_id"])
-        if old is None or new is None or not (old.flags ^ new.flags) & new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        if old is None or new is None or not (old.flags ^ new.flags) & KVM_MEM_LOG_DIRTY_PAGES:
+            return
+        if not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            self.tdp.kvm_tdp_mmu_zap_collapsible_sptes(new)
+            vm.take_predictions(t)
             return
         end = new.base_gfn + new.npages
         if str(vm.arch.kvm_params.get("eager_page_split", "Y")).upper().startswith("Y"):

@@ -66,10 +66,10 @@ class LabResult:
 
 def check_cpu_model(cpu: str, mmu: str) -> None:
     """Refuse a CPU model that cannot work before spending a boot on it (L1 re-checks what it got)."""
-    flags = cpu.split(",")[1:]
-    if "-svm" in flags:
+    flags = set(cpu.split(",")[1:])
+    if flags & {"-svm", "svm=off"}:
         raise UsageError(f"CPU model {cpu!r} has SVM disabled: kvm_amd cannot load in L1")
-    if mmu == "tdp" and "-npt" in flags:
+    if mmu == "tdp" and flags & {"-npt", "npt=off"}:
         raise UsageError(f"--mmu tdp needs nested paging, but CPU model {cpu!r} disables NPT")
 
 
