@@ -280,3 +280,21 @@ def test_allow_lost_makes_that_cpus_decisions_undecidable(tmp_path: Path) -> Non
     assert data["mismatched"] + data["missing"] + data["extra"] == 0
     if 1 not in cpus:
         assert data["matched"] == 0
+
+
+def test_plain_tracefs_text_imported_replays(tmp_path: Path) -> None:
+    """tests/data/pt_rewrite.tracefs.txt.gz: a tracefs instance's trace_pipe text of
+    ``pt_rewrite --size 64 --seed 1`` (Capture with text_path); no input probes, role words partly
+    known, no kernel release in the text."""
+    trace = tmp_path / "imported.parquet"
+    imported = subprocess.run([sys.executable, "-c", "from mmutrace.cli import main; main()", "import",
+                               str(DATA / "pt_rewrite.tracefs.txt.gz"), "-o", str(trace)],
+                              capture_output=True, text=True, timeout=120)
+    assert imported.returncode == 0, imported.stderr
+    refused = _cli(str(trace))
+    assert refused.returncode == 2 and "--assume-version" in refused.stderr
+    data = replay_trace(trace, assume_version="6.18").to_json()
+    assert (data["mismatched"], data["missing"], data["extra"]) == (0, 0, 0), data["divergences"][:3]
+    assert data["matched"] > 200
+    assert data["by_kind"]["unsync_page"]["matched"] == data["by_kind"]["sync_page"]["matched"] == 1
+    assert "map_writable untraced (host page writability of a read fault)" in data["undecidable_reasons"]
