@@ -74,14 +74,15 @@ def check_cpu_model(cpu: str, mmu: str) -> None:
 
 
 def vng_command(cfg: LabConfig, staging: Path, vng: Path) -> list[str]:
-    """The virtme-ng command line: TCG (--disable-kvm), one vCPU, the output dir shared read-write."""
+    """The virtme-ng command line: TCG (--disable-kvm), one vCPU, the output dir shared read-write;
+    --verbose puts L1's kernel log on the console, so a failed boot can show its tail."""
     inside = [sys.executable, "-m", "mmutrace.lab.inside", "--mmu", cfg.mmu, "--backend", cfg.backend,
               "--staging", str(staging),
               "--lab-json", json.dumps({"qemu_cpu": cfg.cpu, "kernel_image": str(cfg.kernel.image),
                                         "l1_memory": cfg.memory})]
     for name in cfg.scenarios:
         inside += ["--scenario", name]
-    return [str(vng), "-r", str(cfg.kernel.image), "--disable-kvm", "--cpus", "1", "--memory", cfg.memory,
+    return [str(vng), "-r", str(cfg.kernel.image), "--verbose", "--disable-kvm", "--cpus", "1", "--memory", cfg.memory,
             "--rwdir", str(cfg.out), "--cwd", str(cfg.out), f"--qemu-opts=-cpu {cfg.cpu}",
             "--exec", shlex.join(inside)]
 
