@@ -18,7 +18,6 @@ thread's next shadow-MMU decision arrives before the next walk or exit (docs/rep
 
 from __future__ import annotations
 
-import json
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -766,6 +765,3 @@ def _replay_batch(batch: pa.RecordBatch, vms: dict[int, VmReplay], result: Repla
             continue
         vm.handle(ev, Row(cols, i))
 
-
-def dumps(result: ReplayResult) -> str:
-    return json.dumps(result.to_json(), indent=None, sort_keys=False)
