@@ -159,3 +159,19 @@ def test_the_shadow_model_implements_its_interface() -> None:
 
     missing = _protocol_members(ShadowMmuApi) - set(dir(ShadowMmu))
     assert not missing
+
+
+def test_root_role_from_sregs_matches_the_recorded_root() -> None:
+    """tests/data/bcc/pt_rewrite: KVM_SET_SREGS cr0 0x80010031 cr3 0x28000 cr4 0x20 efer 0xd00, then
+    the root "gfn 28 l4 ... new" with role word 0x3704 (cr0_wp, which the printed text hides)."""
+    from replay.mmu import kvm_calc_cpu_role
+
+    role, cpu = kvm_calc_cpu_role(RULES_6_18, 0x80010031, 0x20, 0xD00)
+    assert role == 0x3704
+    assert (cpu.root_level, cpu.efer_nx, cpu.cr0_wp, cpu.cr4_smep) == (4, True, True, False)
+    # 32-bit PAE guest: PAE shadow root, efer_nx forced on in the root role even without EFER.NX
+    pae_role, pae_cpu = kvm_calc_cpu_role(RULES_6_18, 0x80010031, 0x20, 0)
+    assert PageRole(pae_role, ROLE_LAYOUT_6_18).level == 3 and PageRole(pae_role, ROLE_LAYOUT_6_18).efer_nx
+    assert not pae_cpu.efer_nx
+    # paging off: a direct root
+    assert PageRole(kvm_calc_cpu_role(RULES_6_18, 0x31, 0, 0)[0], ROLE_LAYOUT_6_18).direct == 1
