@@ -25,11 +25,12 @@ import dataclasses
 import difflib
 import enum
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -92,20 +93,21 @@ class Side(enum.Enum):
     B = "b"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
-    """One decision event reduced to what must be equal across runs."""
+    """One decision event reduced to what must be equal across runs (slots: a trace has millions)."""
 
     ts_ns: int
     event: str
-    fields: tuple[tuple[str, Any], ...]  # compared (name, value) pairs, in column order
+    columns: tuple[str, ...]  # the compared columns of this event (one shared tuple per event)
+    values: tuple[Any, ...]
 
     @property
     def key(self) -> tuple:
-        return (self.event, self.fields)
+        return (self.event, self.values)
 
     def describe(self) -> str:
-        vals = " ".join(f"{k}={_fmt(k, v)}" for k, v in self.fields if v is not None)
+        vals = " ".join(f"{k}={_fmt(k, v)}" for k, v in zip(self.columns, self.values) if v is not None)
         return f"{self.event} {vals}".rstrip()
 
 
@@ -340,61 +342,125 @@ class FaultCutter:
         return self._open.get(lane) is not None
 
 
-def collect(table: pa.Table, metadata: dict[str, Any], ignored: frozenset[str]) -> list[VmEvents]:
+@dataclass
+class Source:
+    """One side of a diff: a trace's metadata and its batches (row group by row group for a file,
+    so that memory grows with the decisions kept, not with the trace)."""
+
+    label: str
+    metadata: dict[str, Any]
+    batches: Callable[[list[str]], Iterator[pa.RecordBatch]]  # the given columns (those that exist)
+
+    @classmethod
+    def of_table(cls, label: str, metadata: dict[str, Any], table: pa.Table) -> Source:
+        def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
+            yield from table.select([c for c in columns if c in table.column_names]).to_batches(CHUNK_ROWS)
+        return cls(label, metadata, batches)
+
+
+#: Rows per batch of an in-memory side (a file is read by row group).
+CHUNK_ROWS = 1 << 16
+#: Recorder input columns of decision events: compared only when both sides recorded them.
+_INPUT_COLUMNS = sorted({c for k in EVENTS if k.role is not Role.INPUT for c in k.inputs})
+
+
+@dataclass
+class Survey:
+    """What a first, cheap pass over a trace learns: its events, which thread runs which vCPU, and
+    which recorder inputs of decision events it fills (tracefs captures and imports fill none)."""
+
+    events: set[str] = field(default_factory=set)
+    lanes: Lanes = field(default_factory=lambda: Lanes())
+    filled: set[str] = field(default_factory=set)  # "event.column" seen non-null
+
+    def unrecorded(self) -> set[str]:
+        return {f"{k.name}.{c}" for k in EVENTS if k.name in self.events and k.role is not Role.INPUT
+                for c in k.inputs} - self.filled
+
+
+def survey(source: Source) -> Survey:
+    out = Survey()
+    for batch in source.batches(["event", "vm", "tid", "vcpu", *_INPUT_COLUMNS]):
+        table = pa.Table.from_batches([batch])
+        codes, names = _event_codes(table)
+        present = np.unique(codes)
+        out.events |= {names[c] for c in present}
+        threads = table.filter(pc.is_valid(table.column("vcpu"))).group_by(["vm", "tid"]).aggregate([("vcpu", "max")])
+        out.lanes.learn(*(threads.column(c).to_pylist() for c in ("vm", "tid", "vcpu_max")))
+        for code in present.tolist():
+            kind = EVENTS_BY_NAME[names[code]]
+            if kind.role is Role.INPUT or not kind.inputs:
+                continue
+            rows = table.filter(pa.array(codes == code))
+            out.filled |= {f"{kind.name}.{c}" for c in kind.inputs
+                           if c in rows.column_names and rows.column(c).null_count < rows.num_rows}
+    return out
+
+
+def collect(source: Source, known: Survey, ignored: frozenset[str]) -> list[VmEvents]:
     """Cut one trace into VMs, vCPU lanes, faults and outside-fault decisions.
 
-    ``table`` must be in the trace schema and ordered by (ts_ns, cpu, seq).  VMs come back in order
-    of first appearance, which is how two runs' VMs are paired.
+    The batches must be ordered by (ts_ns, cpu, seq).  VMs come back in order of first appearance,
+    which is how two runs' VMs are paired.
     """
-    names = _event_names(table)
-    cutter = FaultCutter(fault_start_event(names))
+    cutter = FaultCutter(fault_start_event(known.events))
     keep = cutter.cut_events | DECISION_EVENTS
-    rows = table.filter(pa.array([n in keep for n in names], pa.bool_()))
-    names = [n for n in names if n in keep]
     compared = _compared_columns(ignored)
     mask_pfn = "spte_pfn" in ignored
-    phases = Phases(metadata)
-
-    cols = {c: rows.column(c).to_pylist() for c in set(READ_COLUMNS) & set(rows.column_names) if c != "event"}
-    ts, vms, tids, vcpus = cols["ts_ns"], cols["vm"], cols["tid"], cols["vcpu"]
-    lanes = Lanes()
-    lanes.learn(vms, tids, vcpus)
+    phases = Phases(source.metadata)
+    lanes = known.lanes
+    needed = {"ts_ns", "vm", "tid", "vcpu", "event", "addr", "error_code"} | {
+        c for n in known.events if n in compared for c in compared[n]}
 
     by_vm: dict[int, VmEvents] = {}
     open_fault: dict[tuple[int, str], Fault] = {}
     occurrences: dict[tuple[int, str], Counter] = {}
-    for i, name in enumerate(names):
-        lane_id = lanes.lane(vms[i], tids[i], vcpus[i])
-        vme = by_vm.get(lane_id[0]) or by_vm.setdefault(lane_id[0], VmEvents(vms[i]))
-        lane = vme.lanes.get(lane_id[1]) or vme.lanes.setdefault(lane_id[1], Lane(lane_id[1]))
-        if name in cutter.cut_events:
-            addr, access = cols["addr"][i] or 0, cols["error_code"][i] or 0
-            if cutter.feed(lane_id, name, addr, access):
-                seen = occurrences.setdefault(lane_id, Counter())
-                fault = Fault(ts[i], addr, access, seen[(addr, access)])
-                seen[(addr, access)] += 1
-                lane.faults[fault.key] = open_fault[lane_id] = fault
-            if name not in DECISION_EVENTS:
-                continue
-        values = []
-        for c in compared[name]:
-            v = cols[c][i]
-            if mask_pfn and c in SPTE_COLUMNS and v is not None:
-                v &= ~SPTE_BASE_ADDR_MASK
-            values.append((c, v))
-        decision = Decision(ts[i], name, tuple(values))
-        if cutter.is_open(lane_id):
-            open_fault[lane_id].decisions.append(decision)
-        else:
-            lane.outside.setdefault(phases.at(ts[i]), []).append(decision)
+    for batch in source.batches(sorted(needed)):
+        table = pa.Table.from_batches([batch])
+        codes, dictionary = _event_codes(table)
+        wanted = np.isin(codes, [i for i, n in enumerate(dictionary) if n in keep])
+        rows, codes = table.filter(pa.array(wanted)), codes[wanted]
+        cols = {c: rows.column(c).to_pylist() for c in needed if c in rows.column_names and c != "event"}
+        ts, vms, tids, vcpus = cols["ts_ns"], cols["vm"], cols["tid"], cols["vcpu"]
+        for i, code in enumerate(codes.tolist()):
+            name = dictionary[code]
+            lane_id = lanes.lane(vms[i], tids[i], vcpus[i])
+            vme = by_vm.get(lane_id[0]) or by_vm.setdefault(lane_id[0], VmEvents(vms[i]))
+            lane = vme.lanes.get(lane_id[1]) or vme.lanes.setdefault(lane_id[1], Lane(lane_id[1]))
+            if name in cutter.cut_events:
+                addr, access = cols["addr"][i] or 0, cols["error_code"][i] or 0
+                if cutter.feed(lane_id, name, addr, access):
+                    seen = occurrences.setdefault(lane_id, Counter())
+                    fault = Fault(ts[i], addr, access, seen[(addr, access)])
+                    seen[(addr, access)] += 1
+                    lane.faults[fault.key] = open_fault[lane_id] = fault
+                if name not in DECISION_EVENTS:
+                    continue
+            columns = compared[name]
+            values = tuple(cols[c][i] if c in cols else None for c in columns)
+            if mask_pfn and any(c in SPTE_COLUMNS for c in columns):
+                values = tuple(v & ~SPTE_BASE_ADDR_MASK if c in SPTE_COLUMNS and v is not None else v
+                               for c, v in zip(columns, values))
+            decision = Decision(ts[i], name, columns, values)
+            if cutter.is_open(lane_id):
+                open_fault[lane_id].decisions.append(decision)
+            else:
+                lane.outside.setdefault(phases.at(ts[i]), []).append(decision)
     return [by_vm[i] for i in sorted(by_vm)]
 
 
-def _event_names(table: pa.Table) -> list[str]:
-    col = table.column("event")
-    if pa.types.is_dictionary(col.type):
-        col = pc.cast(col, pa.string())
-    return col.to_pylist()
+def _event_codes(table: pa.Table) -> tuple[np.ndarray, list[str]]:
+    """The event column as integer codes into a list of names (no Python string per row)."""
+    col = table.column("event").combine_chunks() if table.num_rows else pa.array([], pa.string())
+    if not pa.types.is_dictionary(col.type):
+        col = col.dictionary_encode()
+    return col.indices.to_numpy(zero_copy_only=False).astype(np.int64), col.dictionary.to_pylist()
+
+
+def _is_input(table: pa.Table) -> np.ndarray:
+    """Mask of the rows whose event is an input (``Role.INPUT``) in the catalogue."""
+    codes, names = _event_codes(table)
+    return np.isin(codes, [i for i, n in enumerate(names) if EVENTS_BY_NAME[n].role is Role.INPUT])
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +521,7 @@ class _Comparer:
             left, right = list(da[i1:i2]), list(db[j1:j2])
             while left and right and left[0].event == right[0].event:
                 x, y = left.pop(0), right.pop(0)
-                for (name, va), (_, vb) in zip(x.fields, y.fields):
+                for name, va, vb in zip(x.columns, x.values, y.values):
                     if va != vb:
                         out.append(Difference(f"{x.event}.{name}", scope, vm, lane, x.ts_ns, y.ts_ns, va, vb,
                                               where, self._detail(name, va, vb), ctx))
@@ -512,42 +578,26 @@ def spte_flavor(metadata: dict[str, Any]) -> SpteFlavor:
     return EPT if metadata.get("kvm_backend") == "kvm_intel" and ept else NON_EPT
 
 
-def diff_tables(a: pa.Table, b: pa.Table, meta_a: dict[str, Any], meta_b: dict[str, Any], *,
-                a_label: str = "A", b_label: str = "B", ignore: Iterable[str] = (),
-                no_ignore: Iterable[str] = ()) -> DiffResult:
-    """Diff two traces given as tables in the trace schema (ordered by ts_ns, cpu, seq)."""
+def diff_sources(a: Source, b: Source, *, ignore: Iterable[str] = (), no_ignore: Iterable[str] = ()) -> DiffResult:
+    """Diff two traces (files or replays): two passes over each; only the decisions stay in memory."""
     ignored = resolve_ignored(ignore, no_ignore)
-    unrecorded = sorted(name for name in unrecorded_inputs(a) ^ unrecorded_inputs(b)
+    known_a, known_b = survey(a), survey(b)
+    unrecorded = sorted(name for name in known_a.unrecorded() ^ known_b.unrecorded()
                         if name.rpartition(".")[2] not in ignored and name not in ignored)
     ignored |= set(unrecorded)
-    vms_a, vms_b = collect(a, meta_a, ignored), collect(b, meta_b, ignored)
+    vms_a, vms_b = collect(a, known_a, ignored), collect(b, known_b, ignored)
     counts = [sum(v.vm is not None for v in vms) for vms in (vms_a, vms_b)]
     vms_a, vms_b = _pair_vms(vms_a, vms_b)
-    pairs = [(x.vm, y.vm) for x, y in zip(vms_a, vms_b)]
-    result = DiffResult(a_label, b_label, sorted(ignored), pairs)
+    result = DiffResult(a.label, b.label, sorted(ignored), [(x.vm, y.vm) for x, y in zip(vms_a, vms_b)])
     if unrecorded:
         result.notes.append(f"not compared, recorded on one side only: {', '.join(unrecorded)}")
-    if meta_a.get("kernel_release") != meta_b.get("kernel_release"):
-        result.notes.append(f"kernels differ: {meta_a.get('kernel_release')} vs {meta_b.get('kernel_release')}")
+    releases = [side.metadata.get("kernel_release") for side in (a, b)]
+    if releases[0] != releases[1]:
+        result.notes.append(f"kernels differ: {releases[0]} vs {releases[1]}")
     if counts[0] != counts[1]:
         result.notes.append(f"VM counts differ: {counts[0]} vs {counts[1]}")
-    _Comparer(result, spte_flavor(meta_a)).compare(vms_a, vms_b)
+    _Comparer(result, spte_flavor(a.metadata)).compare(vms_a, vms_b)
     return result
-
-
-def unrecorded_inputs(table: pa.Table) -> set[str]:
-    """``event.column`` for each recorder input column a decision event of ``table`` never fills
-    (tracefs captures and imports lack the bcc recorder's inputs): not comparable with a trace that has them."""
-    names = pc.cast(table.column("event"), pa.string()) if pa.types.is_dictionary(table.column("event").type) \
-        else table.column("event")
-    out = set()
-    for kind in EVENTS:
-        if kind.role is Role.INPUT or not kind.inputs:
-            continue
-        rows = table.filter(pc.equal(names, kind.name))
-        out |= {f"{kind.name}.{c}" for c in kind.inputs
-                if rows.num_rows and c in rows.column_names and rows.column(c).null_count == rows.num_rows}
-    return out
 
 
 def _pair_vms(a: list[VmEvents], b: list[VmEvents]) -> tuple[list[VmEvents], list[VmEvents]]:
@@ -578,35 +628,41 @@ def model_split(model: str) -> str | None:
     return MODEL_SPLITS[model]
 
 
-def load_trace(path: Path) -> tuple[pa.Table, dict[str, Any]]:
-    """The columns the diff needs from a recorded trace, and its metadata."""
+def load_trace(path: Path) -> Source:
+    """A recorded trace as a diff side, read row group by row group."""
     from mmutrace.storage import open_trace
 
     reader = open_trace(path)
-    columns = [c for c in READ_COLUMNS if c in reader.schema.names] if hasattr(reader, "schema") else list(READ_COLUMNS)
-    return reader.read(columns=columns), dict(reader.metadata)
+
+    def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
+        yield from reader.iter_batches(columns=[c for c in columns if c in reader.schema.names])
+
+    return Source(str(path), dict(reader.metadata), batches)
 
 
-def model_trace(path: Path, model: str, allow_lost: bool = False) -> tuple[pa.Table, dict[str, Any]]:
-    """The model's decisions for the trace at ``path`` under ``model``, as a trace-schema table.
+def model_trace(path: Path, model: str, allow_lost: bool = False) -> Source:
+    """The model's decisions for the trace at ``path`` under ``model``, as a diff side.
 
-    The replay emits decisions only; the recorded inputs (walks, entries) are merged back in so
-    that its decisions fall into the same faults as the recording's.
+    The replay emits decisions only; the recorded inputs (walks, exits) are merged back in so that
+    its decisions fall into the same faults as the recording's.
     """
     from replay.engine import replay_trace
 
-    recorded, metadata = load_trace(path)
+    from mmutrace.storage import open_trace
+
+    reader = open_trace(path)
     decisions = replay_trace(path, split=model_split(model), allow_lost=allow_lost).model_events()
-    return with_inputs(decisions, recorded), metadata
+    recorded = reader.read(columns=[c for c in READ_COLUMNS if c in reader.schema.names])
+    return Source.of_table(f"model {model} replay of {path}", dict(reader.metadata),
+                           with_inputs(decisions, recorded))
 
 
 def with_inputs(decisions: pa.Table, recorded: pa.Table) -> pa.Table:
     """``decisions`` plus ``recorded``'s input events, ordered by time (inputs first on ties)."""
     columns = [c for c in recorded.column_names if c in decisions.column_names]
-    names = _event_names(decisions)
-    if any(EVENTS_BY_NAME[n].role is Role.INPUT for n in set(names)):
+    if _is_input(decisions).any():
         return decisions.select(columns)
-    inputs = recorded.filter(pa.array([EVENTS_BY_NAME[n].role is Role.INPUT for n in _event_names(recorded)]))
+    inputs = recorded.filter(pa.array(_is_input(recorded)))
     decisions = decisions.select(columns).cast(inputs.select(columns).schema)
     merged = pa.concat_tables([inputs.select(columns), decisions])
     order = pc.sort_indices(pa.table({"ts": merged.column("ts_ns"),

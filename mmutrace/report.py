@@ -638,10 +638,11 @@ def build_report(trace: Path, output: Path, *, replay: bool = False, model: str 
         result = replay_trace(trace, split=model_split(model), allow_lost=allow_lost).to_json()
         _replay_section(report, result, scan.t0)
     if diff_with is not None:
-        from mmutrace.diff import diff_tables, load_trace
+        from mmutrace.diff import diff_sources, load_trace
 
-        (ta, ma), (tb, mb) = load_trace(trace), load_trace(diff_with)
-        diff = diff_tables(ta, tb, ma, mb, a_label=str(trace), b_label=str(diff_with))
+        a, b = load_trace(trace), load_trace(diff_with)
+        diff = diff_sources(a, b)
+        ma, mb = a.metadata, b.metadata
         if ma.get("kernel_release") != mb.get("kernel_release"):
             report.banners.append(f"<div class='banner'>Kernels differ: A is {esc(str(ma.get('kernel_release')))} "
                                   f"({esc(decoding_note(ma))}), B is {esc(str(mb.get('kernel_release')))} "

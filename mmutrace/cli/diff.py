@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mmutrace.diff import (DEFAULT_IGNORED, MODEL_SPLITS, DiffResult, diff_tables, format_value, load_trace,
-                           model_split, model_trace, resolve_ignored)
+from mmutrace.diff import (DEFAULT_IGNORED, MODEL_SPLITS, DiffResult, Source, diff_sources, format_value,
+                           load_trace, model_split, model_trace, resolve_ignored)
 from mmutrace.errors import UsageError
 
 EPILOG = """Examples:
@@ -24,16 +24,16 @@ EPILOG = """Examples:
 """
 
 
-def _sources(a: Path, b: Path | None, models: list[str], allow_lost: bool):
-    """(table, metadata, label) of both sides, from the arguments' three forms."""
+def _sources(a: Path, b: Path | None, models: list[str], allow_lost: bool) -> tuple[Source, Source]:
+    """Both sides, from the arguments' three forms."""
     if b is not None and models:
         raise UsageError("give a second trace or --model, not both")
     if b is not None:
-        return (*load_trace(a), str(a)), (*load_trace(b), str(b))
+        return load_trace(a), load_trace(b)
     if len(models) == 1:
-        return (*load_trace(a), str(a)), (*model_trace(a, models[0], allow_lost), f"model {models[0]} replay of {a}")
+        return load_trace(a), model_trace(a, models[0], allow_lost)
     if len(models) == 2:
-        return tuple((*model_trace(a, m, allow_lost), f"model {m} replay of {a}") for m in models)
+        return model_trace(a, models[0], allow_lost), model_trace(a, models[1], allow_lost)
     raise UsageError("give a second trace, --model once (trace vs model) or --model twice (model vs model)")
 
 
@@ -109,8 +109,7 @@ def register(app: typer.Typer) -> None:
         resolve_ignored(ignore, no_ignore)  # bad arguments fail before any trace is read
         for m in model:
             model_split(m)
-        (ta, ma, la), (tb, mb, lb) = _sources(a, b, model, allow_lost)
-        result = diff_tables(ta, tb, ma, mb, a_label=la, b_label=lb, ignore=ignore, no_ignore=no_ignore)
+        result = diff_sources(*_sources(a, b, model, allow_lost), ignore=ignore, no_ignore=no_ignore)
         if html is not None:
             from mmutrace.report import build_report
 
