@@ -24,6 +24,8 @@ import bisect
 import dataclasses
 import difflib
 import enum
+import functools
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmutrace.errors import UsageError
+from mmutrace.ftrace_text import ROLE_KNOWN_MASK
 from mmutrace.schema import EVENTS, EVENTS_BY_NAME, Role
 from replay.spte import (EPT, NON_EPT, PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK, SPTE_BASE_ADDR_MASK,
                          SPTE_MMU_PRESENT_MASK, SpteFlavor)
@@ -397,11 +400,19 @@ def survey(source: Source) -> Survey:
     return out
 
 
-def collect(source: Source, known: Survey, ignored: frozenset[str]) -> list[VmEvents]:
+def role_known_mask(metadata: dict[str, Any]) -> int | None:
+    """The role-word bits a trace really knows: decoded from tracefs text, a role lacks the bits the
+    print format hides (cr0_wp, smep/smap_andnot_wp, guest_mode, ...); None when it has them all."""
+    if "role_known_mask" in metadata:
+        return int(metadata["role_known_mask"])
+    return ROLE_KNOWN_MASK if metadata.get("recorder") in ("tracefs", "import") else None
+
+
+def collect(source: Source, known: Survey, ignored: frozenset[str], role_mask: int | None = None) -> list[VmEvents]:
     """Cut one trace into VMs, vCPU lanes, faults and outside-fault decisions.
 
     The batches must be ordered by (ts_ns, cpu, seq).  VMs come back in order of first appearance,
-    which is how two runs' VMs are paired.
+    which is how two runs' VMs are paired.  ``role_mask`` limits role words to the bits both sides know.
     """
     cutter = FaultCutter(fault_start_event(known.events))
     keep = cutter.cut_events | DECISION_EVENTS
@@ -441,6 +452,8 @@ def collect(source: Source, known: Survey, ignored: frozenset[str]) -> list[VmEv
             if mask_pfn and any(c in SPTE_COLUMNS for c in columns):
                 values = tuple(v & ~SPTE_BASE_ADDR_MASK if c in SPTE_COLUMNS and v is not None else v
                                for c, v in zip(columns, values))
+            if role_mask is not None and "role" in columns:
+                values = tuple(v & role_mask if c == "role" and v is not None else v for c, v in zip(columns, values))
             decision = Decision(ts[i], name, columns, values)
             if cutter.is_open(lane_id):
                 open_fault[lane_id].decisions.append(decision)
@@ -585,12 +598,16 @@ def diff_sources(a: Source, b: Source, *, ignore: Iterable[str] = (), no_ignore:
     unrecorded = sorted(name for name in known_a.unrecorded() ^ known_b.unrecorded()
                         if name.rpartition(".")[2] not in ignored and name not in ignored)
     ignored |= set(unrecorded)
-    vms_a, vms_b = collect(a, known_a, ignored), collect(b, known_b, ignored)
+    masks = [m for m in (role_known_mask(a.metadata), role_known_mask(b.metadata)) if m is not None]
+    role_mask = functools.reduce(operator.and_, masks) if masks else None
+    vms_a, vms_b = collect(a, known_a, ignored, role_mask), collect(b, known_b, ignored, role_mask)
     counts = [sum(v.vm is not None for v in vms) for vms in (vms_a, vms_b)]
     vms_a, vms_b = _pair_vms(vms_a, vms_b)
     result = DiffResult(a.label, b.label, sorted(ignored), [(x.vm, y.vm) for x, y in zip(vms_a, vms_b)])
     if unrecorded:
         result.notes.append(f"not compared, recorded on one side only: {', '.join(unrecorded)}")
+    if role_mask is not None:
+        result.notes.append(f"role words compared under {role_mask:#x}: the bits tracefs text shows")
     releases = [side.metadata.get("kernel_release") for side in (a, b)]
     if releases[0] != releases[1]:
         result.notes.append(f"kernels differ: {releases[0]} vs {releases[1]}")
