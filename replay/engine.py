@@ -362,8 +362,8 @@ class VmReplay:
 
     def take_predictions(self, t: Thread) -> None:
         for d in self.tp.drain():
-            if t.fault_reason and not d.undecidable:
-                d.undecidable = t.fault_reason
+            if not d.undecidable:
+                d.undecidable = t.fault_reason or (R_PARAMS if d.event in self.param_kinds else None)
             t.pending.append(d)
 
     def correct_from_error_code(self, vcpu: VcpuMmu, fault: KvmPageFault, walk_ts: int) -> None:
@@ -483,19 +483,18 @@ class VmReplay:
 
     def judge(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
         kind = KIND[ev]
-        if self.lost_cpus and row["cpu"] in self.lost_cpus:
-            self.undecided(t, ev, row, R_LOST)
-            return
-        if ev in self.param_kinds:
-            self.undecided(t, ev, row, R_PARAMS)
-            return
+        lost = R_LOST if self.lost_cpus and row["cpu"] in self.lost_cpus else None
         idx = self.find_prediction(t, ev, row)
         if idx is None:
-            self.unexplained(t, ev, row)
+            if lost:
+                self.undecided(t, ev, row, lost)
+            else:
+                self.unexplained(t, ev, row)
             return
         for _ in range(idx):
             t.extras.append(self.verdict_extra(t, t.pending.popleft(), row))
         d = t.pending.popleft()
+        d.undecidable = d.undecidable or lost
         diff = self.compare(d, row)
         if d.undecidable:
             # The model already applied its own guess; the kernel's outcome replaces it only where
@@ -564,6 +563,8 @@ class VmReplay:
 
     def explain(self, t: Thread, ev: str, row: dict[str, Any]) -> str | None:
         """Why this recorded decision could not be predicted, or None if the model should have."""
+        if ev in self.param_kinds:
+            return R_PARAMS
         if ev == "kvm_tdp_mmu_spte_changed":
             return R_TDP
         if ev == "kvm_mmu_set_spte" and t.prefetch_sp is not None:

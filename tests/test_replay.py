@@ -298,3 +298,15 @@ def test_plain_tracefs_text_imported_replays(tmp_path: Path) -> None:
     assert data["matched"] > 200
     assert data["by_kind"]["unsync_page"]["matched"] == data["by_kind"]["sync_page"]["matched"] == 1
     assert "map_writable untraced (host page writability of a read fault)" in data["undecidable_reasons"]
+
+
+def test_non_default_host_parameters_make_their_decisions_undecidable(tmp_path: Path) -> None:
+    """This host's kvm has parameters upstream lacks; a value the model does not know never matches."""
+    meta = json.loads(pq.read_table(DATA / "touch.parquet").schema.metadata[schema.METADATA_KEY])
+    params = {**meta["kvm_params"], "eager_zap_unsync_children": "Y", "parent_ptes_recycle_threshold": "8"}
+    data = replay_trace(_with_metadata(tmp_path, "params", kvm_params=params)).to_json()
+    for kind in ("prepare_zap", "set_spte"):
+        counts = data["by_kind"][kind]
+        assert counts["undecidable"] == counts["decisions"] > 0
+    assert data["by_kind"]["get_page"]["matched"] > 0  # kinds they cannot change are still judged
+    assert data["undecidable_reasons"]["non-default non-upstream kvm parameter"] > 0
