@@ -124,7 +124,7 @@ class MmuProbes:
         except ImportError:
             raise HostError("bcc is not importable (Debian python3-bpfcc; run ./run.sh setup)") from None
         try:
-            self.bpf = BPF(text=text.encode(), cflags=["-Wno-macro-redefined", "-Wno-unused-function"])
+            self.bpf = BPF(text=text.encode(), cflags=["-w"])
         except Exception as exc:  # bcc raises bare Exception for compile and attach failures
             raise HostError(f"cannot load the BPF probes: {str(exc).splitlines()[0]}") from None
         self.events = list(events)
