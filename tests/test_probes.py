@@ -223,3 +223,25 @@ def test_shadow_pages_carry_their_identity_and_quota(session: Session) -> None:
     assert (pages.mmu_used.diff().dropna() >= 0).all()
     zapped = rows[rows.event == "kvm_mmu_prepare_zap_page"]
     assert set(zapped.sp) <= set(pages.sp)  # teardown zaps pages the VM created
+
+
+@pytest.mark.bcc
+def test_a_full_ring_counts_what_it_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a one-page ring and no consumer, rows + lost == probe hits, per event total."""
+    from mmutrace.ringbuf import RingBuffer
+
+    monkeypatch.setattr(loader, "RINGBUF_PAGES", 1)
+    probes = loader.MmuProbes(["kvm_mmu_paging_element", "kvm_mmu_spte_requested"], [os.getpid()])
+    ring = RingBuffer(probes.ring_fd, os.sysconf("SC_PAGE_SIZE"))
+    try:
+        run, _ = _touch_guest(64, writes=False)
+        run()
+        rows = len(ring.drain())
+        lost, hits = sum(probes.lost().values()), probes.hits()
+    finally:
+        ring.close()
+        probes.close()
+    # the ring held all it could: __bpf_ringbuf_reserve refuses the record that would fill it exactly
+    assert rows == os.sysconf("SC_PAGE_SIZE") // 128 - 1
+    assert lost > 0 and rows + lost == sum(hits.values())
+    assert hits["kvm_mmu_spte_requested"] >= 64

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmutrace import ftrace_text, hostinfo, schema, storage, tracefs
-from mmutrace.record import RecordOptions, RecordResult, ScenarioSpec, record
+from mmutrace.record import Backend, RecordOptions, RecordResult, ScenarioSpec, is_kvm_process, record
 from mmutrace.scenarios import SCENARIOS
 from test_probes import frame
 
@@ -161,6 +161,42 @@ def test_rows_are_ordered_and_attributed(every_scenario) -> None:
     assert faults.vm.nunique() == 1
     # one vCPU per thread
     assert (faults.groupby("tid").vcpu.nunique() == 1).all()
+
+
+@pytest.mark.kvm
+def test_tracefs_backend_writes_the_same_events(touch: Recorded, tmp_path: Path) -> None:
+    out = tmp_path / "tracefs.parquet"
+    result = record(RecordOptions(output=out, scenario=ScenarioSpec("touch", seed=1), backend=Backend.TRACEFS))
+    trace = storage.open_trace(out)
+    assert trace.metadata["recorder"] == "tracefs" and result.lost == 0
+    assert all(inputs == [] for inputs in trace.metadata["event_inputs"].values())
+    assert [m["text"] for m in trace.metadata["markers"]] == [m["text"] for m in touch.metadata["markers"]]
+    # same scenario, same seed: the same kvm/kvmmmu events as the bcc recording
+    bcc_counts = {e: n for e, n in storage.open_trace(touch.result.path).event_counts().items()
+                  if not e.startswith("ioctl_")}
+    assert trace.event_counts() == bcc_counts
+
+
+@pytest.mark.bcc
+def test_pid_duration_and_event_selection(tmp_path: Path) -> None:
+    """-p on a running VMM, for --duration, only the --events asked for."""
+    vmm = subprocess.Popen([sys.executable, "-m", "mmutrace.scenarios", "run", "touch", "--size", "300000"],
+                           stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: is_kvm_process(vmm.pid))
+        chosen = ["kvm_mmu_spte_requested", "kvm_mmu_set_spte"]
+        out = tmp_path / "pid.parquet"
+        result = record(RecordOptions(output=out, pid=vmm.pid, duration=1.0, events=chosen))
+    finally:
+        os.killpg(vmm.pid, signal.SIGKILL)
+        vmm.wait()
+    trace = storage.open_trace(out)
+    assert result.stop_reason == "duration" and trace.metadata["pid"] == vmm.pid
+    assert set(trace.event_counts()) == set(chosen)
+    assert set(trace.metadata["event_inputs"]) == set(chosen)
+    raw = {p for p in trace.metadata["probes"] if p.startswith("raw_tracepoint:")}
+    assert raw == {"raw_tracepoint:kvm_entry"} | {f"raw_tracepoint:{e}" for e in chosen}
+    assert (pq.read_table(out, columns=["pid"]).column("pid").to_numpy() == vmm.pid).all()
 
 
 # --------------------------------------------------------------------------------------------
