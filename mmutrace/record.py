@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +129,8 @@ def preflight(opts: RecordOptions) -> None:
         from mmutrace.scenarios import get_scenario
 
         get_scenario(opts.scenario.name).check_size(opts.scenario.size or get_scenario(opts.scenario.name).default_size)
+    if opts.command and shutil.which(opts.command[0]) is None:
+        raise UsageError(f"command not found: {opts.command[0]}")
     if opts.pid is not None and not is_kvm_process(opts.pid):
         raise UsageError(f"process {opts.pid} is not a KVM process (it has no /dev/kvm or kvm-vm file open)")
     if opts.backend is Backend.BCC:

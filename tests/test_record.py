@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmutrace import ftrace_text, hostinfo, schema, storage, tracefs
+from mmutrace.errors import HostError
 from mmutrace.record import Backend, RecordOptions, RecordResult, ScenarioSpec, is_kvm_process, record
 from mmutrace.scenarios import SCENARIOS
 from test_probes import frame
@@ -291,11 +292,41 @@ def _cli(args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.Mon
     (["--scenario", "touch", "--duration", "-1"], "--duration must be positive"),
     (["--scenario", "touch", "-p", "1"], "at most one target"),
     (["--seed", "3"], "--seed and --size go with --scenario"),
+    (["--", "no-such-command-xyz"], "command not found: no-such-command-xyz"),
 ])
 def test_bad_input_is_one_line_and_no_file(tmp_path: Path, capsys, monkeypatch, args: list[str], message: str) -> None:
     code, err = _cli(["record", "-o", str(tmp_path / "bad.parquet"), *args], capsys, monkeypatch)
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _no_bcc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bcc", None)  # import bcc raises ImportError
+
+
+def _no_headers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hostinfo, "bcc_kernel_source", lambda release=None: None)
+
+
+def _no_tracefs(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse() -> Path:
+        raise HostError("tracefs is not mounted at /sys/kernel/tracing and mounting it needs root")
+
+    monkeypatch.setattr(tracefs, "ensure_mounted", refuse)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("lack, message", [
+    (_no_bcc, "bcc is not importable"),
+    (_no_headers, "no kernel headers for bcc"),
+    (_no_tracefs, "tracefs is not mounted"),
+])
+def test_missing_host_feature_is_one_line_and_no_file(tmp_path: Path, capsys, monkeypatch, lack, message) -> None:
+    """What this host has cannot be removed for a test; the detection is replaced instead."""
+    lack(monkeypatch)
+    code, err = _cli(["record", "--scenario", "touch", "-o", str(tmp_path / "t.parquet")], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
     assert list(tmp_path.iterdir()) == []
 
 
