@@ -45,6 +45,7 @@ R_TEARDOWN = "VM teardown (kvm_arch_flush_shadow_all) untraced"
 R_ZAP_ALL_FAST = "memslot change untraced (cause of kvm_mmu_zap_all_fast)"
 R_EMULATION = "emulated write to a shadowed guest page table: instruction and bytes untraced"
 R_STALE = "mmu_notifier invalidation during the fault: memslot hva layout untraced"
+R_STALE_RACE = "mmu_notifier invalidation raced with the fault: only its start is traced"
 R_LOST = "events lost on this CPU"
 R_WALK = "guest walk incomplete in the trace (a kvm_mmu_paging_element missing)"
 R_TDP = "TDP MMU decision: no TDP MMU model installed"
@@ -193,6 +194,8 @@ class Walk:
     access: int
     ptes: list[int] = field(default_factory=list)
     walker: GuestWalker | None = None
+    #: When the walk (and its guest A/D writes) was over: kvm_mmu_faultin_pfn starts after it.
+    completed_ts: int = 0
 
 
 @dataclass
@@ -238,10 +241,12 @@ class VmReplay:
         self.threads: dict[int, Thread] = {}
         self.lost_cpus = lost_cpus
         self.role_mask = role_mask
-        self.unmaps: deque[tuple[int, bool | None]] = deque(maxlen=64)
+        #: (ts, gfn ranges hit; None when the memslot layout is unknown) of recent host unmaps.
+        self.unmaps: deque[tuple[int, list[tuple[int, int]] | None]] = deque(maxlen=64)
         params = self.arch.non_default_params()
         self.param_kinds = frozenset().union(*(PARAM_EFFECTS.get(p, frozenset()) for p in params))
-        self.vcpu_ids: dict[int, int] = {}
+        #: Why the last stale_since() could not decide.
+        self.stale_reason: str | None = None
 
     # ---- threads and vCPUs
 
@@ -289,6 +294,8 @@ class VmReplay:
         if t.walk is not None and t.walk.walker is None:
             self.complete_walk(t, row)
         if ev in WALK_DECISIONS:
+            if t.walk is not None:
+                t.walk.completed_ts = row["ts_ns"]  # the guest A/D writes are still part of the walk
             self.judge(t, ev, row)
         elif ev in LOCKED_EVENTS:
             self.locked_decision(t, ev, row)
@@ -309,6 +316,7 @@ class VmReplay:
         walk = t.walk
         vcpu = self.vcpu_of(t, row.get("vcpu"))
         root_gfn = vcpu.root_gfn if vcpu.root_gfn is not None else (vcpu.root.gfn if vcpu.root else 0)
+        walk.completed_ts = row["ts_ns"]
         walk.walker = w = walk_addr_generic(PTTYPE_64, vcpu.cpu_role, root_gfn, walk.addr, walk.access, walk.ptes)
         reason = R_WALK if w.truncated else (
             None if vcpu.root is not None or vcpu.root_gfn is not None else R_ROOT)
@@ -333,9 +341,9 @@ class VmReplay:
             t.context = R_ROOT if vcpu is None or vcpu.root is None else R_WALK
             return
         fault = KvmPageFault(addr=walk.addr, error_code=walk.access, walker=w)
-        stale = self.stale_since(walk.ts)
+        stale = self.stale_since(walk, w.gfn)
         if stale is None:
-            t.fault_reason = R_STALE
+            t.fault_reason = self.stale_reason
         fault.stale = bool(stale)
         self.correct_from_error_code(vcpu, fault, walk.ts)
         t.fault = self._prime(self.mmu.kvm_mmu_page_fault(vcpu, fault), t)
@@ -396,16 +404,27 @@ class VmReplay:
                 return sp, index
             sp, level = child, level - 1
 
-    def stale_since(self, ts: int) -> bool | None:
-        """Did a memslot-hitting invalidation happen since ``ts``?  None when that is unknowable."""
-        if not self.unmaps or self.unmaps[-1][0] < ts:
+    def stale_since(self, walk: Walk, gfn: int) -> bool | None:
+        """is_page_fault_stale(): did an invalidation hitting a memslot move mmu_invalidate_seq
+        after this fault sampled it (in kvm_mmu_faultin_pfn, after its walk)?  Only the start of an
+        invalidation is traced, so: an unmap of the fault's own gfn after the walk (its own COW
+        break) makes it stale; an unmap of another gfn during the fault, or of its gfn during the
+        walk, may or may not (None: undecidable)."""
+        if not self.unmaps or self.unmaps[-1][0] < walk.ts:
             return False
-        hits = [hit for uts, hit in self.unmaps if uts >= ts]
-        if not hits:
-            return False
-        if any(h is True for h in hits):
-            return True
-        return None if any(h is None for h in hits) else False
+        self.stale_reason = None
+        for uts, ranges in self.unmaps:
+            if uts < walk.ts:
+                continue
+            if ranges is None:
+                self.stale_reason = R_STALE
+            elif any(lo <= gfn < hi for lo, hi in ranges):
+                if uts >= walk.completed_ts:
+                    return True
+                self.stale_reason = self.stale_reason or R_STALE_RACE
+            elif ranges:
+                self.stale_reason = self.stale_reason or R_STALE_RACE
+        return None if self.stale_reason else False
 
     def locked_decision(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
         fault_walk = (not t.pending and t.fault is None and not t.fault_started and t.walk is not None
@@ -461,10 +480,8 @@ class VmReplay:
 
     def unmap(self, row: dict[str, Any]) -> None:
         """kvm_unmap_hva_range: notifier leaf zaps; whether it hit a memslot decides stale faults."""
-        if self.arch.memslots_known:
-            hit = self.mmu.kvm_mmu_notifier_invalidate_range_start(row["addr"], row["end"])
-        else:
-            hit = None
+        hit = self.mmu.kvm_mmu_notifier_invalidate_range_start(row["addr"], row["end"]) \
+            if self.arch.memslots_known else None
         self.unmaps.append((row["ts_ns"], hit))
 
     def ioctl(self, t: Thread, ev: str, row: dict[str, Any]) -> None:

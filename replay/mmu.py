@@ -343,18 +343,17 @@ class KvmMmu:
             flush |= self.tdp.kvm_tdp_mmu_unmap_gfn_range(start, end)
         return flush
 
-    def kvm_mmu_notifier_invalidate_range_start(self, start: int, end: int) -> bool:
+    def kvm_mmu_notifier_invalidate_range_start(self, start: int, end: int) -> list[tuple[int, int]]:
         """kvm_unmap_hva_range: translate the hva range through every memslot and unmap it.
 
-        Returns whether the range overlapped a memslot (mmu_invalidate_seq moved: a fault that
-        sampled it before is stale).  Without a memslot layout every leaf SPTE may be gone: the
-        caller marks them unknown.
+        Returns the gfn ranges it hit (each moved mmu_invalidate_seq: a fault that sampled the
+        sequence before is stale).
         """
-        hit = False
+        hit = []
         for slot in list(self.arch.memslots.values()):
             gfns = slot.hva_to_gfn_range(start, end)
             if gfns is not None:
-                hit = True
+                hit.append(gfns)
                 self.kvm_unmap_gfn_range(*gfns)
         return hit
 
