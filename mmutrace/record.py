@@ -273,13 +273,15 @@ class Status:
             self._status = Console(stderr=True).status("recording…")
             self._status.start()
 
-    def update(self, events: int, lost: Callable[[], int], size: int) -> None:
+    def update(self, progress: Callable[[], tuple[int, int, int]]) -> None:
+        """Refresh at most twice a second from ``progress()``: (events, lost, bytes written)."""
         now = time.monotonic()
         if self._status is None or now - self._last[0] < 0.5:
             return
+        events, lost, size = progress()
         rate = (events - self._last[1]) / (now - self._last[0])
         self._last = (now, events)
-        self._status.update(f"recording: {events:,} events, {rate:,.0f}/s, lost {lost():,}, {size / 1e6:.1f} MB")
+        self._status.update(f"recording: {events:,} events, {rate:,.0f}/s, lost {lost:,}, {size / 1e6:.1f} MB")
 
     def stop(self) -> None:
         if self._status is not None:
@@ -306,7 +308,7 @@ def _run(opts: RecordOptions, child: Child | None, step: Callable[[], None],
         stop = _Stop(opts, child, time.monotonic())
         while (reason := stop()) is None:
             step()
-            display.update(*progress())
+            display.update(progress)
         stop_reason = reason
     except KeyboardInterrupt:
         pass
