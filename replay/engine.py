@@ -270,6 +270,7 @@ class VmReplay:
         return None if t is None else t.walk
 
     def handle(self, ev: str, row: dict[str, Any]) -> None:
+        """One event other than a guest PTE (those go straight to ``open_walk``)."""
         t = self.thread(row["tid"])
         t.last_ts = self.arch.now_ns = row["ts_ns"]
         if self.tdp_replay is not None and self.tdp_replay.handle(t, ev, row):
@@ -280,10 +281,6 @@ class VmReplay:
             self.arch.n_max_mmu_pages = row["mmu_max"]  # the recorder's quota input
         if t.vcpu is None and row.get("vcpu") is not None and not ev.startswith("ioctl_"):
             self.vcpu_of(t, row["vcpu"])
-        if ev == "kvm_mmu_paging_element":
-            if t.walk is not None:
-                t.walk.ptes.append(row["spte"])
-            return
         if ev == "kvm_mmu_pagetable_walk":
             if t.walk is not None and t.walk.walker is None:
                 self.complete_walk(t, row)
