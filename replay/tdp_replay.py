@@ -18,7 +18,7 @@ from replay.paging_tmpl import PFERR_RSVD_MASK
 from replay.tdp_mmu import R_NO_ROOT, TdpMmu, TdpPage
 
 if TYPE_CHECKING:
-    from replay.engine import Thread, VmReplay
+    from replay.engine import Thread, VmReplay, Walk
 
 R_UNMAP = "MMU-notifier zap: memslot hva layout untraced (tracefs)"
 R_UNTRACED_IOCTL = "SPTE change outside any fault or traced cause (memslot or dirty-log ioctl untraced)"
@@ -44,7 +44,9 @@ class TdpReplay:
         vm.mmu.tdp = self.tdp
         #: Threads whose current episode saw a host unmap the model could not translate.
         self.unmapped_blind: set[int] = set()
-        self.fault_ts: dict[int, int] = {}
+        #: Each thread's fault in progress, as the engine's Walk: a TDP fault has no guest walk, so
+        #: kvm_faultin_pfn (where mmu_invalidate_seq is sampled) starts at the NPF itself.
+        self.fault_start: dict[int, Walk] = {}
 
     def handle(self, t: Thread, ev: str, row: dict[str, Any]) -> bool:
         """Take the row if it is part of TDP episode logic; False lets the engine handle it."""
@@ -78,7 +80,9 @@ class TdpReplay:
     def start_fault(self, t: Thread, row: dict[str, Any]) -> None:
         vm = self.vm
         vcpu = vm.vcpu_of(t, row.get("vcpu"))
-        self.fault_ts[t.tid] = row["ts_ns"]
+        from replay.engine import Walk  # the engine imports this module
+
+        self.fault_start[t.tid] = Walk(row["ts_ns"], row["addr"], row["error_code"], completed_ts=row["ts_ns"])
         if row["error_code"] & PFERR_RSVD_MASK:
             t.context = R_MMIO_FAULT
             return
@@ -113,8 +117,9 @@ class TdpReplay:
     def end_episode(self, t: Thread, row: dict[str, Any]) -> None:
         """A fault still waiting for its pfn was retried: right when a host unmap made it stale."""
         vm = self.vm
-        if t.fault is not None and t.fault_waiting is not None:
-            stale = vm.stale_since(self.fault_ts.get(t.tid, 0))
+        start = self.fault_start.pop(t.tid, None)
+        if t.fault is not None and t.fault_waiting is not None and start is not None:
+            stale = vm.stale_since(start, start.addr >> 12)
             if stale is None or (stale is False and t.tid in self.unmapped_blind):
                 t.fault_reason = R_UNMAP
             elif stale:
