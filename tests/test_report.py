@@ -21,6 +21,8 @@ from mmutrace.storage import TraceWriter, open_trace
 
 MMUTRACE = str(Path(sys.executable).with_name("mmutrace"))
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.parquet"))
+#: TDP traces of 6.1 kernels from the nested lab (faults opened by kvm_page_fault; 6.1 role layout)
+LAB = sorted((Path(__file__).resolve().parent.parent / "examples" / "lab").glob("*/*.parquet"))
 HOSTILE = "<script>document.body.setAttribute('data-pwned','1')</script>"
 
 
@@ -53,7 +55,7 @@ def with_metadata(src: Path, dst: Path, drop_events: tuple[str, ...] = (), **met
 REPLAY_KEYS = ("decisions", "matched", "mismatched", "missing", "extra", "undecidable", "by_kind")
 
 
-@pytest.mark.parametrize("trace", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+@pytest.mark.parametrize("trace", EXAMPLES + LAB, ids=[f"{p.parent.name}/{p.stem}" for p in EXAMPLES + LAB])
 def test_report_numbers_equal_info_replay_and_diff(trace: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.html"
     code, _ = invoke("report", trace, "--replay", "-o", out)
@@ -63,6 +65,7 @@ def test_report_numbers_equal_info_replay_and_diff(trace: Path, tmp_path: Path) 
     info = json.loads(info)
     assert (data["events"], data["lost"], data["by_event"], data["span_ns"]) == \
         (info["events"], info["lost"], info["by_event"], info["span_ns"])
+    assert info["metadata"]["kernel_release"].startswith(data["role_layout"] + ".")
     code, replay = invoke("replay", trace, "--json")
     replay = json.loads(replay)
     assert {k: data["replay"][k] for k in REPLAY_KEYS} == {k: replay[k] for k in REPLAY_KEYS}
