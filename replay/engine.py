@@ -528,6 +528,8 @@ class VmReplay:
     def find_prediction(self, t: Thread, ev: str, row: dict[str, Any]) -> int | None:
         """The pending prediction this recorded event answers: same decision (identity) first,
         else the first of the same kind."""
+        if t.pending and t.pending[0].event == ev and not self.compare(t.pending[0], row):
+            return 0  # the common case: the next prediction, equal in every judged column
         first_kind = None
         ident = tuple(self.recorded_value(c, row) for c in IDENTITY[ev])
         for i, d in enumerate(t.pending):

@@ -11,6 +11,7 @@ the leaf level and gfn.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from replay.role import ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK
@@ -96,14 +97,20 @@ def gpte_access(pt: PtType, gpte: int) -> int:
 
 def is_rsvd_bits_set(pt: PtType, role: CpuRole, gpte: int, level: int) -> bool:
     """FNAME(is_rsvd_bits_set) for 64-bit paging: high PA bits, NX without EFER.NX, PS where illegal."""
+    return bool(gpte & _rsvd_bits(pt, role, level, bool(gpte & pt.page_size_mask)))
+
+
+@functools.lru_cache(maxsize=64)
+def _rsvd_bits(pt: PtType, role: CpuRole, level: int, huge: bool) -> int:
+    """The reserved-bit mask of one level (the kernel precomputes it per MMU: rsvd_bits_mask)."""
     rsvd = ((1 << 52) - 1) & ~((1 << role.maxphyaddr) - 1)
     if not role.efer_nx:
         rsvd |= 1 << 63
     if level == 4 or (level == 3 and not role.gbpages):
         rsvd |= pt.page_size_mask
-    if level in (2, 3) and gpte & pt.page_size_mask:
+    if level in (2, 3) and huge:
         rsvd |= ((1 << (PAGE_SHIFT + (level - 1) * pt.index_bits)) - 1) & ~0x1FFF  # above PAT bit 12
-    return bool(gpte & rsvd)
+    return rsvd
 
 
 def is_last_gpte(pt: PtType, level: int, gpte: int) -> bool:
