@@ -713,6 +713,12 @@ document.querySelectorAll('input.filter').forEach(function (input) {
     document.getElementById(id + '-count').textContent = n + ' rows';
   });
 });
+function mmutraceOpenTarget() {  // a "context" link opens the <details> it points to
+  var el = location.hash && document.getElementById(location.hash.slice(1));
+  if (el && el.tagName === 'DETAILS') el.open = true;
+}
+window.addEventListener('hashchange', mmutraceOpenTarget);
+mmutraceOpenTarget();
 function mmutracePlot(id, fig) {
   Plotly.newPlot(id, fig.data, fig.layout, {responsive: true, displaylogo: false});
 }

@@ -22,13 +22,13 @@ from test_report import EXAMPLES, HOSTILE, with_metadata
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 
-def chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
+def chromium(page: Path, profile: Path, *args: str, fragment: str = "") -> subprocess.CompletedProcess:
     """Headless chromium on ``page`` with no network: a dead proxy for everything but file://."""
     return subprocess.run(
         [shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
          f"--user-data-dir={profile}", "--proxy-server=socks5://127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
-         "--virtual-time-budget=15000", "--window-size=1400,4000", *args, page.as_uri()],
+         "--virtual-time-budget=15000", "--window-size=1400,4000", *args, page.as_uri() + fragment],
         capture_output=True, text=True, timeout=120)
 
 
@@ -60,6 +60,10 @@ def test_report_renders_offline_with_data_and_no_errors(tmp_path: Path) -> None:
     body_tag = re.search(r"<body[^>]*>", body)[0]
     assert "data-rendered" in body_tag and "data-pwned" not in body_tag  # the marker's script never ran
     assert "&lt;script&gt;document.body.setAttribute" in body
+
+    # A "context" link (#diff-N) opens that difference's side-by-side context.
+    linked = chromium(page, tmp_path / "profile4", "--dump-dom", fragment="#diff-1").stdout
+    assert '<details id="diff-1" open="">' in linked and '<details id="diff-0">' in linked
 
     # The error hook itself works: the same page with one failing script reports it.
     broken = tmp_path / "broken.html"
