@@ -223,6 +223,16 @@ def test_split_pre_and_rfc_agree_on_a_shadow_mmu_trace() -> None:
     assert out["outside_faults"]["a"] == out["outside_faults"]["b"] > 0
 
 
+def test_json_list_can_be_capped_with_exact_counts() -> None:
+    a, b = EXAMPLES / "touch-seed1.parquet", EXAMPLES / "touch-seed2.parquet"
+    _, full = diff_json(a, b)
+    code, capped = diff_json(a, b, "--max-differences", "3")
+    assert code == 1 and capped["differences"] == full["differences"][:3]
+    assert {k: v for k, v in capped.items() if k != "differences"} == {k: v for k, v in full.items() if k != "differences"}
+    assert full["n_differences"] == len(full["differences"]) == sum(full["by_kind"].values())
+    assert full["only_a"] == full["by_kind"]["fault.only_a"] and full["only_b"] == full["by_kind"]["fault.only_b"]
+
+
 def test_bad_input_is_one_line_and_status_2(tmp_path: Path) -> None:
     not_a_trace = tmp_path / "x.parquet"
     not_a_trace.write_text("not parquet")
