@@ -1,4 +1,5 @@
-"""The TDP MMU model on real lab traces (examples/lab/, recorded in nested 6.1 / 6.12 guests).
+"""The TDP MMU model on real lab traces (examples/lab/, recorded in nested 6.1 / 6.12 guests), and the
+shadow model on the lab's npt=0 traces (the upstream SVM shadow MMU, not this host's PVM one).
 
 Every test runs from the committed traces: no lab, no KVM needed.  Tamper tests change one recorded
 decision and check that the replay diverges at exactly that event and nowhere else.
@@ -25,7 +26,8 @@ from replay.versions import Split
 
 LAB = Path(__file__).resolve().parent.parent / "examples" / "lab"
 TRACES = sorted(LAB.glob("*/*.parquet"))
-BCC_TRACES = [p for p in TRACES if "-bcc" in p.parent.name]
+TDP_TRACES = [p for p in TRACES if "-tdp-" in p.parent.name]
+BCC_TRACES = [p for p in TDP_TRACES if "-bcc" in p.parent.name]
 MMUTRACE = str(Path(sys.prefix) / "bin" / "mmutrace")
 
 
@@ -78,7 +80,7 @@ def test_bcc_lab_traces_leave_under_one_percent_undecidable(path):
     assert result["by_kind"]["set_spte"]["matched"] == result["by_kind"]["set_spte"]["decisions"]
 
 
-@pytest.mark.parametrize("path", TRACES, ids=trace_id)
+@pytest.mark.parametrize("path", TDP_TRACES, ids=trace_id)
 def test_non_present_values_are_the_versions_own(path):
     """6.1 writes 0 and REMOVED_SPTE (0x5a0); 6.12 writes bit 63 and FROZEN_SPTE (bit 63 | 0x5a0)."""
     meta = json.loads(pq.read_schema(path).metadata[b"mmutrace"])
@@ -111,7 +113,7 @@ def test_pre_and_rfc_splits_decide_the_same_on_tdp_traces(path):
 def test_pre_split_reclaims_on_a_tdp_fault_only_when_shadow_pages_fill_the_quota():
     """The smallest case where the variants differ: a VM whose shadow MMU holds pages (nested L2
     paging) at the quota, then one TDP fault.  Before the split it zaps the oldest shadow page."""
-    path = TRACES[0]
+    path = TDP_TRACES[0]
     outcomes = {}
     for split in (Split.PRE, Split.RFC):
         from replay import engine
@@ -194,7 +196,7 @@ def test_tdp_trace_under_the_shadow_model_is_refused_with_one_line(tmp_path):
     from mmutrace.lab.inside import stamp_metadata
 
     path = tmp_path / "mislabelled.parquet"
-    shutil.copy(TRACES[0], path)
+    shutil.copy(TDP_TRACES[0], path)
     stamp_metadata(path, {"tdp_mmu": False})
     proc = subprocess.run([MMUTRACE, "replay", str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
