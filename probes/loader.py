@@ -129,6 +129,7 @@ class MmuProbes:
             raise HostError(f"cannot load the BPF probes: {str(exc).splitlines()[0]}") from None
         self.events = list(events)
         self.probes = sorted({probe_name(e) for e in events} | set(ALWAYS_ATTACHED)
+                             | ({"raw_tracepoint:kvm_mmu_get_page"} if "kvm_mmu_set_spte" in events else set())
                              | ({"tracepoint:sched:sched_process_fork"} if targets is not None else set()))
         for pid in targets or []:
             self.add_target(pid)

@@ -42,6 +42,7 @@ struct mmu_record {
  */
 struct vcpu_ctx {
 	u64 kvm;
+	u64 vcpu;               /* struct kvm_vcpu * */
 	s32 vcpu_id;
 	u32 tgid;
 	u8 recorded;
@@ -68,6 +69,8 @@ BPF_HASH(vms, u64, u8, 256);                    /* struct kvm * of VMs owned by 
 BPF_HASH(vcpu_of_tid, u32, struct vcpu_ctx, 16384);
 BPF_HASH(vm_of_tgid, u32, u64, 1024);
 BPF_HASH(ioctls, u32, struct pending_ioctl, 1024);
+BPF_ARRAY(direct_map, u64, 1);                  /* PAGE_OFFSET once learnt, else 0 */
+BPF_HASH(root_spt, u32, u64, 4096);             /* per thread: spt of the last root it got */
 
 #define F(p, path) rd((u64)(p), OFF_##path, SZ_##path)
 #define PACK2(lo, hi) (((u64)(u32)(lo)) | ((u64)(hi) << 32))
@@ -248,14 +251,48 @@ static __always_inline void mmu_pages_slot(struct mmu_record *r, int slot)
 		r->nulls |= 1 << slot;
 }
 
-#if WANT_kvm_mmu_get_page
+/*
+ * kvm_mmu_set_spte prints virt_to_phys(sptep), and this kernel's kallsyms has no data symbols
+ * (page_offset_base), so the direct-map base is learnt from KVM itself: a vCPU thread gets its
+ * shadow root (a get_page of level >= 4; sp->spt is its table's kernel address) and then, on
+ * its next get_page, vcpu->arch.mmu->root.hpa is that table's physical address.  The difference
+ * is accepted only when PUD-aligned, as the (randomized) direct-map base always is, which
+ * rejects a pairing with another root.
+ */
+#define PUD_SIZE (1ULL << 30)
+#define INVALID_PAGE (~0ULL)
+
+static __always_inline void learn_direct_map(u64 sp)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid(), zero = 0;
+	u64 *base = direct_map.lookup(&zero), spt = F(sp, kvm_mmu_page__spt);
+
+	if (!base || *base)
+		return;
+	if ((F(sp, kvm_mmu_page__role) & 0xf) >= 4) {
+		root_spt.update(&tid, &spt);
+		return;
+	}
+	struct vcpu_ctx *ctx = vcpu_of_tid.lookup(&tid);
+	u64 *root = root_spt.lookup(&tid);
+	if (!ctx || !root)
+		return;
+	u64 hpa = F(F(ctx->vcpu, kvm_vcpu__arch__mmu), kvm_mmu__root__hpa);
+	if (hpa != INVALID_PAGE && hpa && !((*root - hpa) & (PUD_SIZE - 1)))
+		*base = *root - hpa;
+}
+
+#if WANT_kvm_mmu_get_page || WANT_kvm_mmu_set_spte
 RAW_TRACEPOINT_PROBE(kvm_mmu_get_page)	/* (struct kvm_mmu_page *sp, bool created) */
 {
+	learn_direct_map(ctx->args[0]);
+#if WANT_kvm_mmu_get_page
 	BEGIN(kvm_mmu_get_page, 0, -1);
 	mmu_page_fields(r, ctx->args[0]);
 	r->f[6] = (u8)ctx->args[1];
 	mmu_pages_slot(r, 7);
 	record_end(r);
+#endif
 	return 0;
 }
 #endif
@@ -336,10 +373,15 @@ RAW_TRACEPOINT_PROBE(kvm_mmu_spte_requested)	/* (struct kvm_page_fault *fault) *
 #if WANT_kvm_mmu_set_spte
 RAW_TRACEPOINT_PROBE(kvm_mmu_set_spte)	/* (int level, gfn_t gfn, u64 *sptep) */
 {
+	u32 zero = 0;
+	u64 *base = direct_map.lookup(&zero);
 	BEGIN(kvm_mmu_set_spte, 0, -1);
 	r->f[0] = ctx->args[1];
 	r->f[1] = rd(ctx->args[2], 0, 8);
-	r->f[2] = ctx->args[2];
+	if (base && *base)
+		r->f[2] = ctx->args[2] - *base;	/* virt_to_phys(), as the tracepoint prints it */
+	else
+		r->nulls |= 1 << 2;
 	r->f[3] = (u32)ctx->args[0];
 	record_end(r);
 	return 0;
@@ -430,16 +472,17 @@ static __always_inline void own_vm(u32 tgid, u64 kvm)
 		vms.delete(&kvm);
 }
 
-static __always_inline void learn_vcpu(u64 kvm, s32 vcpu_id)
+static __always_inline void learn_vcpu(u64 vcpu, u64 kvm, s32 vcpu_id)
 {
 	u64 pid_tgid = bpf_get_current_pid_tgid();
 	u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
 	struct vcpu_ctx *known = vcpu_of_tid.lookup(&tid);
 
-	if (known && known->kvm == kvm && known->vcpu_id == vcpu_id && known->tgid == tgid)
+	if (known && known->vcpu == vcpu && known->tgid == tgid)
 		return;
 	own_vm(tgid, kvm);
-	struct vcpu_ctx c = {.kvm = kvm, .vcpu_id = vcpu_id, .tgid = tgid, .recorded = is_recorded(tgid, kvm)};
+	struct vcpu_ctx c = {.kvm = kvm, .vcpu = vcpu, .vcpu_id = vcpu_id, .tgid = tgid,
+			     .recorded = is_recorded(tgid, kvm)};
 	vcpu_of_tid.update(&tid, &c);
 	vm_of_tgid.update(&tgid, &kvm);
 }
@@ -449,7 +492,7 @@ RAW_TRACEPOINT_PROBE(kvm_entry)	/* (struct kvm_vcpu *, bool force_immediate_exit
 	u64 vcpu = ctx->args[0], kvm = F(vcpu, kvm_vcpu__kvm);
 	s32 vcpu_id = F(vcpu, kvm_vcpu__vcpu_id);
 
-	learn_vcpu(kvm, vcpu_id);
+	learn_vcpu(vcpu, kvm, vcpu_id);
 #if WANT_kvm_entry
 	BEGIN(kvm_entry, kvm, vcpu_id);
 	r->f[0] = vcpu_rip(vcpu);
@@ -586,7 +629,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 		return 0;
 	if (cmd == KVM_RUN) {
 		obj = fd_private_data(args->fd);
-		learn_vcpu(F(obj, kvm_vcpu__kvm), F(obj, kvm_vcpu__vcpu_id));
+		learn_vcpu(obj, F(obj, kvm_vcpu__kvm), F(obj, kvm_vcpu__vcpu_id));
 		return 0;
 	}
 	if (event == NR_EVENTS)
