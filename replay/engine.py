@@ -498,6 +498,12 @@ class VmReplay:
     def judge(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
         kind = KIND[ev]
         lost = R_LOST if self.lost_cpus and row["cpu"] in self.lost_cpus else None
+        pending = t.pending
+        if pending and pending[0].event == ev and not lost and not pending[0].undecidable \
+                and not self.compare(pending[0], row):
+            # the common case: the next prediction, equal in every judged column
+            self.matched(t, pending.popleft(), row)
+            return
         idx = self.find_prediction(t, ev, row)
         if idx is None:
             if lost:
@@ -515,21 +521,25 @@ class VmReplay:
             # they differ.
             self.undecided(t, ev, row, d.undecidable, adopt=bool(diff))
             return
+        if not diff:
+            self.matched(t, d, row)
+            return
         self.record_model(d, row)
         if ev == "kvm_mmu_set_spte" and isinstance(d.subject, tuple) and "sptep_offset" not in diff:
             self.shadow.learn_spt_page(d.subject[0], row["sptep"])
-        if diff:
-            self.result.count(kind, "mismatched")
-            self.divergence("mismatch", ev, {k: d.values.get(k) for k in diff},
-                            {k: self.recorded_value(k, row) for k in diff}, row, t, d.twin, d)
-        else:
-            self.result.count(kind, "matched")
+        self.result.count(kind, "mismatched")
+        self.divergence("mismatch", ev, {k: d.values.get(k) for k in diff},
+                        {k: self.recorded_value(k, row) for k in diff}, row, t, d.twin, d)
+
+    def matched(self, t: Thread, d: Decision, row: dict[str, Any]) -> None:
+        self.record_model(d, row)
+        if d.event == "kvm_mmu_set_spte" and isinstance(d.subject, tuple):
+            self.shadow.learn_spt_page(d.subject[0], row["sptep"])
+        self.result.count(d.kind, "matched")
 
     def find_prediction(self, t: Thread, ev: str, row: dict[str, Any]) -> int | None:
         """The pending prediction this recorded event answers: same decision (identity) first,
         else the first of the same kind."""
-        if t.pending and t.pending[0].event == ev and not self.compare(t.pending[0], row):
-            return 0  # the common case: the next prediction, equal in every judged column
         first_kind = None
         ident = tuple(self.recorded_value(c, row) for c in IDENTITY[ev])
         for i, d in enumerate(t.pending):

@@ -95,22 +95,27 @@ def gpte_access(pt: PtType, gpte: int) -> int:
     return access
 
 
-def is_rsvd_bits_set(pt: PtType, role: CpuRole, gpte: int, level: int) -> bool:
-    """FNAME(is_rsvd_bits_set) for 64-bit paging: high PA bits, NX without EFER.NX, PS where illegal."""
-    return bool(gpte & _rsvd_bits(pt, role, level, bool(gpte & pt.page_size_mask)))
+def is_rsvd_bits_set(rsvd_bits_mask: tuple[tuple[int, int], ...], pt: PtType, gpte: int, level: int) -> bool:
+    """FNAME(is_rsvd_bits_set): the level's mask for a table entry or a huge leaf (bit 7)."""
+    return bool(gpte & rsvd_bits_mask[level][bool(gpte & pt.page_size_mask)])
 
 
-@functools.lru_cache(maxsize=64)
-def _rsvd_bits(pt: PtType, role: CpuRole, level: int, huge: bool) -> int:
-    """The reserved-bit mask of one level (the kernel precomputes it per MMU: rsvd_bits_mask)."""
-    rsvd = ((1 << 52) - 1) & ~((1 << role.maxphyaddr) - 1)
-    if not role.efer_nx:
-        rsvd |= 1 << 63
-    if level == 4 or (level == 3 and not role.gbpages):
-        rsvd |= pt.page_size_mask
-    if level in (2, 3) and huge:
-        rsvd |= ((1 << (PAGE_SHIFT + (level - 1) * pt.index_bits)) - 1) & ~0x1FFF  # above PAT bit 12
-    return rsvd
+@functools.lru_cache(maxsize=16)
+def reset_rsvds_bits_mask(pt: PtType, role: CpuRole) -> tuple[tuple[int, int], ...]:
+    """Reserved bits per level, [level][huge] (__reset_rsvds_bits_mask precomputes them per MMU):
+    high PA bits, NX without EFER.NX, PS where illegal, the frame bits below a huge page."""
+    masks = [(0, 0)]
+    for level in range(1, 6):
+        rsvd = ((1 << 52) - 1) & ~((1 << role.maxphyaddr) - 1)
+        if not role.efer_nx:
+            rsvd |= 1 << 63
+        if level >= 4 or (level == 3 and not role.gbpages):
+            rsvd |= pt.page_size_mask
+        huge = rsvd
+        if level in (2, 3):
+            huge |= ((1 << (PAGE_SHIFT + (level - 1) * pt.index_bits)) - 1) & ~0x1FFF  # above PAT bit 12
+        masks.append((rsvd, huge))
+    return tuple(masks)
 
 
 def is_last_gpte(pt: PtType, level: int, gpte: int) -> bool:
@@ -146,6 +151,7 @@ def walk_addr_generic(pt: PtType, role: CpuRole, root_gfn: int, addr: int, acces
     user_fault = access & PFERR_USER_MASK
     fetch_fault = access & PFERR_FETCH_MASK
     nx_mask = 1 << pt.nx_shift if pt.nx_shift is not None else 0
+    rsvd_bits_mask = reset_rsvds_bits_mask(pt, role)
     pte_access = ~0
     errcode = 0
     level = role.root_level + 1
@@ -168,7 +174,7 @@ def walk_addr_generic(pt: PtType, role: CpuRole, root_gfn: int, addr: int, acces
         pte_access = pt_access & (pte ^ nx_mask)
         if not pte & pt.present_mask:
             return _error(w, role, errcode, write_fault, user_fault, fetch_fault)
-        if is_rsvd_bits_set(pt, role, pte, level):
+        if is_rsvd_bits_set(rsvd_bits_mask, pt, pte, level):
             return _error(w, role, PFERR_RSVD_MASK | PFERR_PRESENT_MASK, write_fault, user_fault, fetch_fault)
         w.ptes[level - 1] = pte
         w.pt_access[level - 1] = gpte_access(pt, (pt_access ^ nx_mask) & ((1 << 64) - 1))

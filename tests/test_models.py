@@ -125,6 +125,12 @@ def test_walker_errors() -> None:
     nx_fetch = walk_addr_generic(PTTYPE_64, CpuRole(), 0x28, 0x5000, 0x14, [0x29027, 0x2A027, 0x2B027, 0x5027 | 1 << 63])
     assert nx_fetch.fault_error_code == 0x15
     assert walk_addr_generic(PTTYPE_64, CpuRole(), 0x28, 0x5000, 0x4, [0x29027]).truncated
+    # reserved bits: PS in a PML4E, a physical address above MAXPHYADDR, NX without EFER.NX
+    assert walk_addr_generic(PTTYPE_64, CpuRole(), 0x28, 0x5000, 0x6, [0x290A7]).fault_error_code == 0xF
+    narrow = CpuRole(maxphyaddr=36)
+    assert walk_addr_generic(PTTYPE_64, narrow, 0x28, 0x5000, 0x4, [0x29027, 1 << 40 | 0x27]).fault_error_code == 0xD
+    no_nx = CpuRole(efer_nx=False)
+    assert walk_addr_generic(PTTYPE_64, no_nx, 0x28, 0x5000, 0x4, [0x29027 | 1 << 63]).fault_error_code == 0xD
 
 
 def _attributes_used_on(module, owner: str) -> set[str]:
