@@ -7,15 +7,18 @@ permissions, A/D bits), what it unsynced, synced and zapped, and in which order.
 
 1. pairs the VMs of the two traces by order of first appearance (their ids are pointers or pids),
    and within a VM pairs vCPUs by id (events without a vCPU id get it from their thread);
-2. cuts each vCPU's event stream into faults.  On a shadow-paging host without ``kvm_page_fault``
-   (PVM) a fault is the group of events from a ``kvm_mmu_pagetable_walk`` to the next ``kvm_entry``;
-   when the trace has ``kvm_page_fault`` (TDP, VMX/SVM) that event opens the fault instead;
+2. cuts each vCPU's event stream into faults (``FaultCutter``): a fault opens at
+   ``kvm_mmu_pagetable_walk`` (shadow paging; this PVM host never emits ``kvm_page_fault``), or at
+   ``kvm_page_fault`` where the trace has it (TDP, VMX/SVM), and closes when the vCPU thread enters
+   or leaves the guest or issues an ioctl;
 3. keys each fault by (faulting address, access bits, occurrence index of that pair on the vCPU),
    so a fault only one run took does not shift the rest;
 4. compares the decision events (``Role.DECISION``/``Role.BOTH`` in the schema) of common faults
    with the noise fields left out (``DEFAULT_IGNORED``; SPTE values compared with their pfn masked
    out), and aligns decisions outside faults (zap-all, zaps from ioctls, notifier work) by their order
-   within a scenario phase (the span between two markers).
+   within a scenario phase (``Phases``: named by the marker that starts it).
+
+docs/diff.md has the rules in full and the JSON output.
 """
 
 from __future__ import annotations
@@ -192,7 +195,7 @@ class Difference:
     ts_b: int | None
     a: Any
     b: Any
-    where: str  # the fault label or "phase N"
+    where: str  # the fault label (Fault.label) or "phase NAME"
     detail: str = ""
     context: dict[str, list[str]] | None = None
 
@@ -201,7 +204,7 @@ class Difference:
         return lane_label(self.vm, self.lane)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(self).items()}
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -237,7 +240,7 @@ class DiffResult:
             "a": self.a_label,
             "b": self.b_label,
             "ignored": self.ignored,
-            "vms": [{"a": _jsonable(a), "b": _jsonable(b)} for a, b in self.vm_pairs],
+            "vms": [{"a": a, "b": b} for a, b in self.vm_pairs],
             "faults_a": self.faults_a,
             "faults_b": self.faults_b,
             "common": self.common,
@@ -373,7 +376,7 @@ class Survey:
     which recorder inputs of decision events it fills (tracefs captures and imports fill none)."""
 
     events: set[str] = field(default_factory=set)
-    lanes: Lanes = field(default_factory=lambda: Lanes())
+    lanes: Lanes = field(default_factory=Lanes)
     filled: set[str] = field(default_factory=set)  # "event.column" seen non-null
 
     def unrecorded(self) -> set[str]:
@@ -382,6 +385,7 @@ class Survey:
 
 
 def survey(source: Source) -> Survey:
+    """The first pass over ``source``: only the event, thread and recorder-input columns."""
     out = Survey()
     for batch in source.batches(["event", "vm", "tid", "vcpu", *_INPUT_COLUMNS]):
         table = pa.Table.from_batches([batch])
@@ -704,11 +708,3 @@ def _fmt(name: str, value: Any) -> str:
 def format_value(name: str, value: Any) -> str:
     """A field value as a KVM developer reads it: hex for addresses, gfns, roles and SPTEs."""
     return "-" if value is None else _fmt(name, value)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mmutrace.cli import app
+from mmutrace.diff import FaultCutter
 from mmutrace.errors import MmutraceError
 from mmutrace.storage import TraceWriter, open_trace
 
@@ -221,6 +222,18 @@ def test_split_pre_and_rfc_agree_on_a_shadow_mmu_trace() -> None:
     code, out = diff_json(EXAMPLES / "mmu_pages_limit.parquet", "--model", "pre", "--model", "rfc")
     assert code == 0 and out["equivalent"] and out["faults_a"] == out["faults_b"] > 0
     assert out["outside_faults"]["a"] == out["outside_faults"]["b"] > 0
+
+
+def test_fault_cutter_tells_a_walk_retry_from_a_refault() -> None:
+    """Same (address, access) again: a retry before the mapping step, a new fault after it."""
+    cut = FaultCutter("kvm_mmu_pagetable_walk")
+    walk = ("kvm_mmu_pagetable_walk", 0x1000, 4)
+    steps = [(walk, True), (walk, False),                       # walker retry after an A/D update
+             (("kvm_mmu_spte_requested", None, None), False), (walk, True),   # refault after mapping
+             (("kvm_mmu_pagetable_walk", 0x2000, 4), True),    # another address
+             (("kvm_pio", None, None), False), (("kvm_mmu_pagetable_walk", 0x2000, 4), True)]  # after an exit
+    assert [cut.feed("lane", *event) for event, _ in steps] == [opens for _, opens in steps]
+    assert cut.is_open("lane") and not cut.is_open("other lane")
 
 
 def test_json_list_can_be_capped_with_exact_counts() -> None:
