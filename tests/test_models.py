@@ -181,3 +181,29 @@ def test_root_role_from_sregs_matches_the_recorded_root() -> None:
     assert not pae_cpu.efer_nx
     # paging off: a direct root
     assert PageRole(kvm_calc_cpu_role(RULES_6_18, 0x31, 0, 0)[0], ROLE_LAYOUT_6_18).direct == 1
+
+
+@pytest.mark.parametrize(("rules", "zaps"), [(RULES_6_12, 8), (RULES_6_18, 0)], ids=["6.12", "6.18"])
+def test_stale_check_versus_reclaim_order_is_a_version_switch(rules, zaps: int) -> None:
+    """A stale fault with the quota exhausted: 6.12 reclaims first (zaps, then RETRY), the 6.18
+    text checks staleness first (RETRY, nothing zapped)."""
+    from replay.decisions import Tracepoints
+    from replay.mmu import KvmArch, KvmMmu, KvmPageFault
+    from replay.shadow_mmu import ShadowMmu
+
+    arch = KvmArch(rules=rules, tp=Tracepoints(), n_max_mmu_pages=10)
+    mmu = KvmMmu(arch, None, None, Split.RFC, tdp_mmu_enabled=False)  # type: ignore[arg-type]
+    mmu.shadow = ShadowMmu(arch, mmu.vcpus)
+    vcpu = mmu.vcpu(0)
+    mmu.kvm_set_sregs(vcpu, 0x80010031, 0x28000, 0x20, 0xD00)
+    mmu.kvm_mmu_reload(vcpu)
+    for gfn in range(0x100, 0x108):  # eight more pages: 9 of 10 used
+        mmu.shadow.kvm_mmu_get_shadow_page(vcpu, gfn, 0x3701)
+    arch.tp.drain()
+    walk = walk_addr_generic(PTTYPE_64, vcpu.cpu_role, 0x28, 0x1000, 0x4, [0x29027, 0x2A027, 0x2B027, 0x1027])
+    fault = KvmPageFault(addr=0x1000, error_code=0x4, walker=walk, stale=True)
+    with pytest.raises(StopIteration) as done:
+        next(mmu.kvm_mmu_page_fault(vcpu, fault))
+    assert done.value.value == "retry"
+    events = [d.event for d in arch.tp.drain()]
+    assert events == ["kvm_mmu_prepare_zap_page"] * zaps
