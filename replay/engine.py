@@ -629,10 +629,7 @@ class VmReplay:
         elif reason == R_TEARDOWN:
             self.mmu.kvm_mmu_zap_all()
         elif reason == R_ZAP_ALL_FAST:
-            self.arch.mmu_valid_gen ^= 1
-            for vcpu in self.mmu.vcpus.values():
-                vcpu.needs_load = True
-            self.shadow.kvm_zap_obsolete_pages()
+            self.mmu.kvm_mmu_zap_all_fast(trace=False)
         else:
             return
         self.take_predictions(t)

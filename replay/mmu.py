@@ -321,12 +321,17 @@ class KvmMmu:
         """KVM_X86_QUIRK_SLOT_ZAP_ALL (the default): a fast zap of everything."""
         self.kvm_mmu_zap_all_fast()
 
-    def kvm_mmu_zap_all_fast(self) -> None:
-        """Flip the generation so every shadow page is obsolete, then zap the obsolete pages."""
+    def kvm_mmu_zap_all_fast(self, trace: bool = True) -> None:
+        """Flip the generation so every shadow page is obsolete, then zap the obsolete pages.
+
+        ``trace=False``: the engine already adopted the recorded kvm_mmu_zap_all_fast (its cause was
+        untraced) and asks only for what follows it.
+        """
         arch = self.arch
-        arch.tp.emit(Decision("kvm_mmu_zap_all_fast", {"mmu_valid_gen": arch.mmu_valid_gen,
-                                                        "mmu_used": arch.n_used_mmu_pages},
-                              twin="kvm_mmu_zap_all_fast"))
+        if trace:
+            arch.tp.emit(Decision("kvm_mmu_zap_all_fast", {"mmu_valid_gen": arch.mmu_valid_gen,
+                                                            "mmu_used": arch.n_used_mmu_pages},
+                                  twin="kvm_mmu_zap_all_fast"))
         arch.mmu_valid_gen ^= 1
         if self.tdp is not None:
             self.tdp.kvm_tdp_mmu_invalidate_roots()
