@@ -310,3 +310,16 @@ def test_non_default_host_parameters_make_their_decisions_undecidable(tmp_path: 
         assert counts["undecidable"] == counts["decisions"] > 0
     assert data["by_kind"]["get_page"]["matched"] > 0  # kinds they cannot change are still judged
     assert data["undecidable_reasons"]["non-default non-upstream kvm parameter"] > 0
+
+
+LAB_SHADOW = sorted((DATA.parent.parent / "examples" / "lab").glob("*-shadow-*/*.parquet"))
+
+
+@pytest.mark.parametrize("trace", LAB_SHADOW, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_upstream_svm_shadow_mmu_lab_traces_replay_without_divergence(trace: Path) -> None:
+    """The nested lab's kvm_amd npt=0 recordings (Debian 6.1 and 6.12 in L1): the same shadow model,
+    only the version switches differ (non-present SPTE 0 on 6.1, RET_PF numbering, make_spte rules)."""
+    data = replay_trace(trace).to_json()
+    assert data["version_rules"] == trace.parent.name.split("-")[0]
+    assert data["decisions"] > 1000
+    assert (data["mismatched"], data["missing"], data["extra"]) == (0, 0, 0), data["divergences"][:3]
