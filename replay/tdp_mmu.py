@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from replay.decisions import Decision
 from replay.mmu import FaultIn, FaultInResult, KvmArch, KvmPageFault, Memslot, VcpuMmu
-from replay.role import ACC_ALL, ACC_EXEC_MASK
+from replay.role import ACC_ALL
 from replay.spte import (NON_EPT, PT_ACCESSED_MASK, PT_PAGE_SIZE_MASK, PT_PRESENT_MASK, PT_USER_MASK,
-                         PT_WRITABLE_MASK, SPTE_BASE_ADDR_MASK, SPTE_MMU_PRESENT_MASK, is_large_pte, is_last_spte,
+                         PT_WRITABLE_MASK, SPTE_MMU_PRESENT_MASK, is_large_pte, is_last_spte,
                          is_shadow_present_pte, is_writable_pte, make_spte, spte_to_pfn)
 
 if TYPE_CHECKING:
@@ -152,8 +152,6 @@ class TdpMmu:
 
     def kvm_mmu_init_tdp_mmu(self) -> None:
         self.roots: list[TdpPage] = []
-        #: Pages whose table pfn is still unknown, by (level, gfn): learned from the linking SPTE.
-        self.unlinked_pfn: dict[tuple[int, int], TdpPage] = {}
         #: Host mapping level last seen for each 2M frame (gfn >> 9), from faults outside dirty
         #: logging (while logging, req_level is capped at 4K whatever the host maps).
         self.host_level: dict[int, int] = {}
@@ -433,7 +431,6 @@ class TdpMmu:
     def tdp_mmu_link_sp(self, it: TdpIter, sp: TdpPage, twin: str) -> None:
         """Point the parent entry at the new table (make_nonleaf_spte, atomic)."""
         it.page.children[it.index] = sp
-        self.unlinked_pfn[(it.level, it.gfn)] = sp
         self.tdp_mmu_set_spte(it, make_nonleaf_spte(sp.pfn), True, twin, subject=sp)
 
     def make_huge_page_split_spte(self, huge_spte: int, child_level: int, index: int) -> int:
@@ -571,17 +568,14 @@ class TdpMmu:
         if not isinstance(sp, TdpPage) or sp.pfn is not None or row.get("new_spte") is None:
             return
         sp.pfn = spte_to_pfn(row["new_spte"])
-        self.unlinked_pfn.pop((sp.level + 1, sp.gfn), None)
         decision.values["new_spte"] |= sp.pfn << PAGE_SHIFT
         if sp.parent is not None:
             sp.parent.spt[spte_index(sp.gfn, sp.level + 1)] = decision.values["new_spte"]
 
     def adopt(self, event: str, row: dict[str, Any], vcpu: VcpuMmu | None) -> None:
         """Apply a recorded outcome the model could not decide: the SPTE becomes what the kernel wrote."""
-        if event == "kvm_mmu_get_page" and vcpu is not None and row.get("level") is None \
-                and self.layout.get(row["role"], "level") == TDP_ROOT_LEVEL:
-            self.kvm_tdp_mmu_alloc_root(vcpu)
-            self.arch.tp.drain()
+        if event == "kvm_mmu_get_page" and vcpu is not None and self.layout.get(row["role"], "level") == TDP_ROOT_LEVEL:
+            self.kvm_tdp_mmu_alloc_root(vcpu)  # its own event is dropped with the adopted decision
             return
         if event != "kvm_tdp_mmu_spte_changed" or not self.roots:
             return
@@ -603,9 +597,5 @@ class TdpMmu:
         elif is_shadow_present_pte(old) and not is_last_spte(old, level):
             page.children.pop(index, None)
 
-    def describe(self, sp: TdpPage) -> dict[str, Any]:
-        return {"gfn": hex(sp.gfn), "level": sp.level, "present_entries": len(sp.spt),
-                "tables": len(sp.children), "pfn": None if sp.pfn is None else hex(sp.pfn)}
 
-
-__all__ = ["TDP_RULES", "TdpMmu", "TdpPage", "TdpRules", "SPTE_BASE_ADDR_MASK"]
+__all__ = ["TDP_RULES", "TdpMmu", "TdpPage", "TdpRules"]

@@ -91,6 +91,14 @@ def test_non_present_values_are_the_versions_own(path):
     assert seen <= expected and (1 << 63 if version == "6.12" else 0) in seen
 
 
+def test_the_model_implements_the_tdp_interface():
+    from replay.tdp_mmu import TdpMmu
+    from replay.tdp_mmu_api import TdpMmuApi
+
+    missing = [name for name in vars(TdpMmuApi) if not name.startswith("_") and not hasattr(TdpMmu, name)]
+    assert missing == []
+
+
 def test_version_rules_differ_where_tdp_mmu_c_did():
     r61, r612 = TDP_RULES["6.1"], TDP_RULES["6.12"]
     assert r61.zap_root_levels == (3, 4) and r612.zap_root_levels == (1, 2, 3, 4)
