@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from plotly.offline import get_plotlyjs
 
-from mmutrace.diff import (DiffResult, FaultCutter, Lanes, fault_start_event, format_value, lane_label,
+from mmutrace.diff import (MAPPING_EVENTS, DiffResult, FaultCutter, Lanes, fault_start_event, format_value, lane_label,
                            markers_of, spte_flavor)
 from mmutrace.errors import MmutraceError, UsageError
 from mmutrace.schema import EVENTS
@@ -44,6 +44,8 @@ N_BINS = 400
 #: Rows shown in the pages table and the divergence/difference tables before truncation (said).
 TABLE_ROWS = 2000
 LARGEST_TABLES = 25
+#: KVM_REFILL_PAGES (mmu.c): make_mmu_pages_available() zaps up to this many pages' worth.
+KVM_REFILL_PAGES = 25
 
 _CATALOGUE = {e.name: i for i, e in enumerate(EVENTS)}
 _GET_PAGE, _ZAP, _ZAP_ALL = "kvm_mmu_get_page", "kvm_mmu_prepare_zap_page", "kvm_mmu_zap_all_fast"
@@ -94,7 +96,9 @@ class TraceScan:
         self.live_delta = np.zeros((10, n_bins), np.int64)  # (level - 1) * 2 + direct
         self.quota_used = np.full(n_bins, np.nan)
         self.quota_max = np.full(n_bins, np.nan)
-        self.points = {k: _Points() for k in ("fault", "sp created", "zap", "zap_all_fast")}
+        self.points = {k: _Points() for k in ("fault", "sp created", "zap (quota reclaim)", "zap", "zap_all_fast")}
+        self.reclaim_bins = np.zeros(n_bins, np.int64)
+        self._before_fetch: dict[int, bool] = {}  # lane -> its open fault has not looked up a page yet
         self.page_parts: list[pd.DataFrame] = []
         self.spte_parts: list[pd.DataFrame] = []
         self.faults = 0
@@ -134,20 +138,41 @@ class TraceScan:
     def _timeline(self, ts: np.ndarray, bins: np.ndarray, codes: np.ndarray, col: dict[str, pa.Array],
                   is_: dict[str, np.ndarray]) -> None:
         created = _bools(col["created"])
-        kinds = {"sp created": is_[_GET_PAGE] & created, "zap": is_[_ZAP], "zap_all_fast": is_[_ZAP_ALL]}
         cut = np.isin(codes, self._cut_codes)
-        rows = np.flatnonzero(cut | kinds["sp created"] | kinds["zap"] | kinds["zap_all_fast"])
-        lane_of_row = dict(zip(rows.tolist(), self._lanes_of(rows, col).tolist()))
-        cut_rows = np.flatnonzero(cut)
-        addrs = col["addr"].take(pa.array(cut_rows)).to_pylist()
-        access = col["error_code"].take(pa.array(cut_rows)).to_pylist()
-        new = np.array([self._cutter.feed(lane_of_row[r], self._names[codes[r]], a, e)
-                        for r, a, e in zip(cut_rows.tolist(), addrs, access)], bool)
-        fault_rows = cut_rows[new] if len(cut_rows) else cut_rows
-        self.faults += len(fault_rows)
-        self.fault_bins += np.bincount(bins[fault_rows], minlength=self.n_bins)
-        for kind, r in (("fault", fault_rows), *((k, np.flatnonzero(m)) for k, m in kinds.items())):
-            self.points[kind].add(ts[r], np.array([lane_of_row[x] for x in r.tolist()], np.int64))
+        rows = np.flatnonzero(cut | is_[_GET_PAGE] | is_[_ZAP] | is_[_ZAP_ALL])
+        lanes = self._lanes_of(rows, col)
+        addrs = col["addr"].take(pa.array(rows)).to_pylist()
+        access = col["error_code"].take(pa.array(rows)).to_pylist()
+        used, quota = (col[c].take(pa.array(rows)).to_pylist() for c in ("mmu_used", "mmu_max"))
+        kind = np.full(len(rows), "", dtype=object)
+        for k, (r, lane, a, e) in enumerate(zip(rows.tolist(), lanes.tolist(), addrs, access)):
+            name = self._names[codes[r]]
+            if name in self._cutter.cut_events:
+                if self._cutter.feed(lane, name, a, e):
+                    kind[k] = "fault"
+                    self._before_fetch[lane] = True
+                if name in MAPPING_EVENTS:
+                    self._before_fetch[lane] = False
+            elif name == _GET_PAGE:
+                self._before_fetch[lane] = False
+                kind[k] = "sp created" if created[r] else ""
+            elif name == _ZAP:
+                kind[k] = "zap (quota reclaim)" if self._reclaims(lane, used[k], quota[k]) else "zap"
+            else:
+                kind[k] = "zap_all_fast"
+        for name in self.points:
+            chosen = kind == name
+            self.points[name].add(ts[rows[chosen]], lanes[chosen])
+        self.faults += int((kind == "fault").sum())
+        self.fault_bins += np.bincount(bins[rows[kind == "fault"]], minlength=self.n_bins)
+        self.reclaim_bins += np.bincount(bins[rows[kind == "zap (quota reclaim)"]], minlength=self.n_bins)
+
+    def _reclaims(self, lane: int, used: int | None, quota: int | None) -> bool:
+        """Whether a prepare_zap is make_mmu_pages_available() evicting: it runs in a fault before the
+        fault's first shadow-page lookup, and zaps only while fewer than KVM_REFILL_PAGES are free
+        (which rules out zaps of emulated page-table writes, where the recorder read the counters)."""
+        in_reclaim_window = self._cutter.is_open(lane) and self._before_fetch.get(lane, False)
+        return in_reclaim_window and (used is None or quota is None or quota - used <= KVM_REFILL_PAGES)
 
     def _structure(self, ts: np.ndarray, bins: np.ndarray, col: dict[str, pa.Array],
                    is_: dict[str, np.ndarray]) -> None:
@@ -404,7 +429,8 @@ def _downsample(report: Report, name: str, ts: np.ndarray, lane: np.ndarray) -> 
 def _timeline_section(report: Report, scan: TraceScan, markers: list[tuple[int, str]]) -> None:
     labels = scan.lane_labels()
     fig = go.Figure()
-    symbols = {"fault": "circle", "sp created": "triangle-up", "zap": "x", "zap_all_fast": "star"}
+    symbols = {"fault": "circle", "sp created": "triangle-up", "zap (quota reclaim)": "x", "zap": "x-thin-open",
+               "zap_all_fast": "star"}
     for kind, pts in scan.points.items():
         ts, lane = pts.arrays()
         if not len(ts):
@@ -447,8 +473,10 @@ def _structure_section(report: Report, scan: TraceScan, markers: list[tuple[int,
     _layout(fig, "Shadow pages alive by level and role (created − zapped), and the page quota",
             xaxis_title="seconds", yaxis_title="pages")
     churn = go.Figure()
-    for name in (_ZAP, _UNSYNC, _SYNC, _ZAP_ALL):
-        counts = scan.event_bins[_CATALOGUE[name]]
+    zaps = scan.event_bins[_CATALOGUE[_ZAP]]
+    for name, counts in (("quota reclaim (zaps in a fault before its first lookup)", scan.reclaim_bins),
+                         ("other prepare_zap", zaps - scan.reclaim_bins),
+                         *((name, scan.event_bins[_CATALOGUE[name]]) for name in (_UNSYNC, _SYNC, _ZAP_ALL))):
         if counts.any():
             churn.add_trace(go.Bar(x=x, y=counts, name=name))
     _mark_phases(churn, markers, scan.t0)
@@ -471,6 +499,7 @@ def _structure_section(report: Report, scan: TraceScan, markers: list[tuple[int,
               _td(int(t.sptes), int(t.sptes)), _td(f"{int(t.gfn_min):#x}–{int(t.gfn_max):#x}", int(t.gfn_min))]
              for t in tables.itertuples()]
     report.data["shadow_pages"] = int(len(pages))
+    report.data["quota_reclaim_zaps"] = int(scan.reclaim_bins.sum())
     report.sections.append(("structure", "Shadow page structure", (
         report.figure("plot-structure", fig) + report.figure("plot-churn", churn)
         + "<h3>Shadow pages (gfn, role)</h3>"

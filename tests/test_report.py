@@ -76,6 +76,20 @@ def test_report_numbers_equal_info_replay_and_diff(trace: Path, tmp_path: Path) 
     assert data["downsampled"] == [] and "Nothing was downsampled" in out.read_text()
 
 
+def test_quota_reclaim_is_told_from_other_zaps(tmp_path: Path) -> None:
+    """mmu_pages_limit sets the quota to 64 pages and runs into it: most zaps are evictions inside a
+    fault; touch never comes near its quota (the kernel's own counters say so): none of its are."""
+    limit_trace, touch_trace = (next(p for p in EXAMPLES if p.stem == s) for s in ("mmu_pages_limit", "touch-seed1"))
+    limit = report_module.build_report(limit_trace, tmp_path / "a.html")
+    counters = open_trace(touch_trace).read(columns=["mmu_used", "mmu_max"])
+    headroom = min(m - u for u, m in zip(*(counters.column(c).to_pylist() for c in ("mmu_used", "mmu_max")))
+                   if u is not None and m is not None)
+    assert headroom > report_module.KVM_REFILL_PAGES
+    assert report_module.build_report(touch_trace, tmp_path / "b.html")["quota_reclaim_zaps"] == 0
+    zaps = limit["by_event"]["kvm_mmu_prepare_zap_page"]
+    assert zaps // 2 < limit["quota_reclaim_zaps"] <= zaps
+
+
 def test_divergences_link_to_their_context(tmp_path: Path) -> None:
     """A real trace with one get_page's 'created' flipped: the replay diverges there, the page says so."""
     reader = open_trace(EXAMPLES[0])
