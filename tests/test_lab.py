@@ -140,3 +140,22 @@ def test_lab_run_records_a_scenario_inside_l1(tmp_path):
     assert replay.returncode == 0
     assert result["mismatched"] == result["missing"] == result["extra"] == 0
     assert result["by_kind"]["get_page"]["matched"] >= 4  # the root and the tables of the first fault
+
+
+@needs_lab
+def test_a_kernel_that_does_not_boot_times_out_with_the_console_tail(tmp_path):
+    """A file with a bzImage header but no kernel: QEMU gets nowhere; the timeout ends it, says so
+    in one line and shows what the console printed."""
+    image = bytearray(65536)
+    image[0x202:0x206] = b"HdrS"
+    image[0x20E:0x210] = (0x1000 - 0x200).to_bytes(2, "little")
+    image[0x1000:0x1019] = b"6.1.0-56-amd64 (fake) #1\0"
+    fake = tmp_path / "vmlinuz-fake"
+    fake.write_bytes(bytes(image))
+    proc = run_cli("lab", "run", "--kernel", str(fake), "--mmu", "tdp", "--backend", "tracefs", "--scenario",
+                   "pt_rewrite", "-o", str(tmp_path / "lab"), "--timeout", "30", timeout=60)
+    assert proc.returncode == 2
+    first, *tail = proc.stderr.splitlines()
+    assert first == "mmutrace: lab run timed out after 30 s (kernel 6.1.0-56-amd64); console tail:"
+    assert tail and "Traceback" not in proc.stderr
+    assert not (tmp_path / "lab" / "pt_rewrite.parquet").exists()
