@@ -45,7 +45,7 @@ class LabConfig:
     scenarios: list[str]
     backend: str = "bcc"
     out: Path = Path("lab-out")
-    timeout_s: float = 600.0
+    timeout_s: float = 1800.0
     cpu: str = DEFAULT_CPU
     memory: str = DEFAULT_MEMORY
 
@@ -114,7 +114,10 @@ def run_lab(cfg: LabConfig, echo: Callable[[str], None] = print) -> LabResult:
     if cfg.backend == "bcc":
         ensure_bcc_headers(cfg.kernel)
     cfg.out = cfg.out.resolve()
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the output directory {cfg.out}: {exc.strerror}") from None
     staging = cfg.out / f".lab-staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     result = LabResult()
