@@ -26,6 +26,17 @@ from replay.engine import ReplayResult, replay_trace
 SHOWN_DIVERGENCES = 10
 
 
+#: Columns shown in hex, as the tracepoints print them.
+HEX_COLUMNS = frozenset({"gfn", "role", "spte", "old_spte", "new_spte", "sptep_offset", "addr", "error_code"})
+
+
+def _values(values: dict[str, Any] | None) -> str:
+    if not values:
+        return "-"
+    return ", ".join(f"{k} {v:#x}" if k in HEX_COLUMNS and isinstance(v, int) and not isinstance(v, bool)
+                     else f"{k} {v}" for k, v in values.items())
+
+
 def _percent(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.2f}%" if whole else "-"
 
@@ -53,8 +64,8 @@ def print_result(result: ReplayResult, console: Console) -> None:
         ctx = d["context"]
         console.print(f"[bold red]{d['verdict']}[/] {d['kind']} at ts {d['ts_ns']} (thread {ctx.get('tid')}, "
                       f"kernel twin {ctx.get('twin')})")
-        console.print(f"    model:  {d['expected']}")
-        console.print(f"    kernel: {d['actual']}")
+        console.print(f"    model:  {_values(d['expected'])}")
+        console.print(f"    kernel: {_values(d['actual'])}")
         if "fault" in ctx:
             console.print(f"    fault {ctx['fault']}, guest walk {ctx.get('guest_walk')}")
         if "model_page" in ctx:
