@@ -254,6 +254,10 @@ METADATA_KEYS: dict[str, str] = {
     "reorder": "object: {window_ns, late_rows}: rows that arrived later than the reorder window (kept, placed in order)",
     "repair": "object: {segments, rows, skipped, note} when `mmutrace repair` rebuilt the file",
     "import_source": "object: {path, format, lines, unparsed} for imported traces",
+    "event_hits": "object: event name -> how often its probe fired for a recorded process (bcc; rows + lost = hits)",
+    "pid": "int: the process recorded with `record -p PID`",
+    "child_status": "int: exit status of the recorded command or scenario (negative: killed by that signal)",
+    "non_upstream_params": "list of str: KVM module parameters the upstream kernel does not have (hostinfo)",
 }
 
 

@@ -126,6 +126,7 @@ def test_metadata_is_filled(touch: Recorded) -> None:
     run = touch
     meta = run.metadata
     assert meta["recorder"] == "bcc" and meta["origin"] == "host" and meta["complete"] is True
+    assert set(meta) <= set(schema.METADATA_KEYS)
     assert meta["kernel_release"] == os.uname().release
     host = hostinfo.host_metadata()
     assert {k: meta[k] for k in ("kvm_backend", "kvm_params", "vendor_params", "tdp_mmu")} == \
