@@ -23,6 +23,7 @@ import pytest
 
 from mmutrace import ftrace_text, hostinfo, schema, storage, tracefs
 from mmutrace.errors import HostError
+from probes import btf
 from mmutrace.record import Backend, RecordOptions, RecordResult, ScenarioSpec, is_kvm_process, record
 from mmutrace.scenarios import SCENARIOS
 from test_probes import frame
@@ -297,6 +298,19 @@ def test_bad_input_is_one_line_and_no_file(tmp_path: Path, capsys, monkeypatch, 
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ebpf_prints_the_program_with_this_kernels_offsets(capsys, monkeypatch) -> None:
+    from mmutrace.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mmutrace", "record", "--ebpf", "--events", "kvm_mmu_spte_requested", "-p", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    offset = btf.vmlinux().member("kvm_page_fault.gfn").offset
+    assert f"#define OFF_kvm_page_fault__gfn {offset}\n" in out and "#define FILTER 1\n" in out
+    assert "RAW_TRACEPOINT_PROBE(kvm_mmu_spte_requested)" in out
 
 
 def _no_bcc(monkeypatch: pytest.MonkeyPatch) -> None:

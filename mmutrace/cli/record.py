@@ -5,6 +5,7 @@ Examples:
     mmutrace record -p 4242 --duration 10 -o vm.parquet                # a running VMM
     mmutrace record -o run.parquet -- ./my-vmm --mem 1G                # a command, while it runs
     mmutrace record --scenario touch --backend tracefs -o base.parquet # tracefs, no inputs
+    mmutrace record --ebpf --events kvm_mmu_spte_requested            # print the BPF C and exit
     mmutrace record --events kvm_mmu_get_page,kvm_mmu_prepare_zap_page -p 4242 -o zaps.parquet
 """
 
@@ -20,7 +21,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("record", context_settings={"allow_interspersed_args": False})
     def record_command(
-        output: Path = typer.Option(..., "--output", "-o", help="trace file to write (.parquet)"),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="trace file to write (.parquet)"),
         pid: Optional[int] = typer.Option(None, "--pid", "-p", help="record this running KVM process (and its VMs)"),
         scenario: Optional[str] = typer.Option(None, help="run and record this built-in scenario"),
         seed: int = typer.Option(0, help="scenario seed"),
@@ -29,6 +30,7 @@ def register(app: typer.Typer) -> None:
         events: Optional[str] = typer.Option(None, help="comma-separated event names (default: all)"),
         backend: str = typer.Option("bcc", help="bcc (probes with fault/memslot inputs) or tracefs"),
         force: bool = typer.Option(False, "--force", help="overwrite the output"),
+        ebpf: bool = typer.Option(False, "--ebpf", hidden=True, help="print the BPF program (with this kernel's offsets) and exit"),
         command: Optional[List[str]] = typer.Argument(None, help="-- COMMAND ARGS: record while it runs"),
     ) -> None:
         """Record KVM MMU events of a process, a command or a built-in scenario into a Parquet trace.
@@ -43,6 +45,13 @@ def register(app: typer.Typer) -> None:
             chosen = Backend(backend)
         except ValueError:
             raise UsageError(f"--backend must be bcc or tracefs, got {backend!r}") from None
+        if ebpf:
+            from probes.loader import program_text
+
+            typer.echo(program_text(parse_events(events), filtered=bool(pid or scenario or command)))
+            return
+        if output is None:
+            raise UsageError("give the trace file to write: -o FILE.parquet")
         if scenario is None and (seed or size is not None):
             raise UsageError("--seed and --size go with --scenario")
         opts = RecordOptions(
