@@ -60,8 +60,6 @@ class TdpRules:
     #: tdp_mmu_zap_spte_atomic reports old -> REMOVED_SPTE before the flush (6.1) or, after the
     #: flush and the final write, old -> the non-present value (6.3+).
     zap_atomic_reports_removed: bool
-    #: Roots start with one reference (6.1, the vCPU's) or two (6.12: vCPU + the TDP MMU's own).
-    root_initial_refcount: int
     #: Kernel function that allocates a vCPU's root (the decision's twin).
     alloc_root_twin: str
     #: RET_PF_* used by fast_page_fault's tracepoint.
@@ -74,12 +72,11 @@ class TdpRules:
 
 TDP_RULES_6_1 = TdpRules("6.1", zap_root_levels=(PG_LEVEL_1G, TDP_ROOT_LEVEL), split_huge_in_place=False,
                          zap_atomic_reports_removed=True,
-                         root_initial_refcount=1,
                          alloc_root_twin="kvm_tdp_mmu_get_vcpu_root_hpa", ret_pf_invalid=3, ret_pf_fixed=4,
                          ret_pf_spurious=5, fast_pf_error_code_mask=0xFFFFFFFF)
 TDP_RULES_6_12 = TdpRules("6.12", zap_root_levels=(PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, TDP_ROOT_LEVEL),
                           split_huge_in_place=True, zap_atomic_reports_removed=False,
-                          root_initial_refcount=2, alloc_root_twin="kvm_tdp_mmu_alloc_root", ret_pf_invalid=4,
+                          alloc_root_twin="kvm_tdp_mmu_alloc_root", ret_pf_invalid=4,
                           ret_pf_fixed=5, ret_pf_spurious=6, fast_pf_error_code_mask=(1 << 64) - 1)
 TDP_RULES: dict[str, TdpRules] = {"6.1": TDP_RULES_6_1, "6.12": TDP_RULES_6_12,
                                   "6.18": TdpRules(**{**TDP_RULES_6_12.__dict__, "name": "6.18"})}
@@ -152,6 +149,8 @@ class TdpMmu:
 
     def kvm_mmu_init_tdp_mmu(self) -> None:
         self.roots: list[TdpPage] = []
+        #: Roots invalidated and not yet zapped (kvm_tdp_mmu_zap_invalidated_roots' work list).
+        self.scheduled_roots: list[TdpPage] = []
         #: Host mapping level last seen for each 2M frame (gfn >> 9), from faults outside dirty
         #: logging (while logging, req_level is capped at 4K whatever the host maps).
         self.host_level: dict[int, int] = {}
@@ -198,42 +197,43 @@ class TdpMmu:
         if root is None:
             root = TdpPage(0, role, TDP_ROOT_LEVEL, None)
             self.trace_kvm_mmu_get_page(root, self.tdp_rules.alloc_root_twin)
-            root.refcount = self.tdp_rules.root_initial_refcount - 1
+            root.refcount = 1  # the TDP MMU's own reference: a vCPU's put never frees a valid root
             self.roots.append(root)
         root.refcount += 1
         vcpu.root = root
         vcpu.needs_load = False
 
     def kvm_tdp_mmu_put_root(self, vcpu: VcpuMmu) -> None:
-        """Drop the vCPU's reference; an invalid root at zero is freed with no event."""
+        """Drop the vCPU's reference; a root at zero (only an invalid one gets there) is freed, no event."""
         root = vcpu.root
         vcpu.root = None
         vcpu.needs_load = True
-        if root is None:
-            return
+        if root is not None:
+            self._put(root)
+
+    def _put(self, root: TdpPage) -> None:
         root.refcount -= 1
-        if root.refcount <= 0 and root.invalid and root in self.roots:
+        if root.refcount <= 0:
             self.roots.remove(root)
 
     def kvm_tdp_mmu_invalidate_roots(self) -> None:
-        """kvm_tdp_mmu_invalidate_all_roots(): mark every valid root invalid, scheduled to zap."""
+        """kvm_tdp_mmu_invalidate_all_roots(): mark every valid root invalid and scheduled to zap."""
         for root in self.roots:
             if not root.invalid:
                 root.invalid = True
-                root.refcount += 1  # the zap's own reference (kvm_tdp_mmu_get_root)
+                self.scheduled_roots.append(root)
         for vcpu in self.vcpus.values():
             if vcpu.root is not None and vcpu.root.invalid:
                 vcpu.needs_load = True  # KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
 
     def kvm_tdp_mmu_zap_invalidated_roots(self) -> None:
-        """Zap each invalidated root (shared mmu_lock), then drop the zap's reference.  In the
+        """Zap each scheduled root (shared mmu_lock), then drop the TDP MMU's own reference.  In the
         caller's thread in both lab kernels: upstream 6.1.0 used a kworker, Debian's 6.1.192 does not
         (its memslot_churn trace has the zap on the VMM's thread right after kvm_mmu_zap_all_fast)."""
-        for root in [r for r in self.roots if r.invalid]:
+        scheduled, self.scheduled_roots = self.scheduled_roots, []
+        for root in scheduled:
             self.tdp_mmu_zap_root(root, shared=True)
-            root.refcount -= 1
-            if root.refcount <= 0:
-                self.roots.remove(root)
+            self._put(root)
 
     def kvm_tdp_mmu_zap_all(self) -> None:
         """VM teardown (kvm_mmu_zap_all): every root, exclusive mmu_lock."""
