@@ -264,7 +264,11 @@ class KvmMmu:
         self.kvm_mmu_reset_context(vcpu)
 
     def kvm_mmu_reset_context(self, vcpu: VcpuMmu) -> None:
-        """kvm_mmu_unload: free the current and the cached previous roots."""
+        """kvm_mmu_unload: free the current and the cached previous roots (mmu_free_root_page puts a
+        TDP MMU root through kvm_tdp_mmu_put_root)."""
+        if self.tdp is not None and self.tdp_mmu_enabled:
+            self.tdp.kvm_tdp_mmu_put_root(vcpu)
+            return
         self.shadow.kvm_mmu_free_roots(vcpu, free_prev=True)
 
     def kvm_mmu_reload(self, vcpu: VcpuMmu) -> None:
