@@ -250,7 +250,7 @@ METADATA_KEYS: dict[str, str] = {
     "scenario": "object: {name, seed, size, ...} when a built-in scenario was recorded",
     "markers": "list of {ts_ns, text}: scenario phase markers",
     "complete": "bool: true after a clean close (Ctrl-C/SIGTERM included); false while recording, after a producer error, or after a repair",
-    "stop_reason": "str: what ended the recording early: KeyboardInterrupt, SystemExit, an exception, 'killed'",
+    "stop_reason": "str: what ended the recording: 'command exited', 'process exited', 'duration', 'interrupted' (the recorder); an exception's class name (the writer); 'killed' (repair)",
     "reorder": "object: {window_ns, late_rows}: rows that arrived later than the reorder window (kept, placed in order)",
     "repair": "object: {segments, rows, skipped, note} when `mmutrace repair` rebuilt the file",
     "import_source": "object: {path, format, lines, unparsed} for imported traces",
