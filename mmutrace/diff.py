@@ -27,8 +27,6 @@ import bisect
 import dataclasses
 import difflib
 import enum
-import functools
-import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,8 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmutrace.errors import UsageError
-from mmutrace.ftrace_text import ROLE_KNOWN_MASK
 from mmutrace.schema import EVENTS, EVENTS_BY_NAME, Role
+from replay.role import known_role_mask
 from replay.spte import (EPT, NON_EPT, PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK, SPTE_BASE_ADDR_MASK,
                          SPTE_MMU_PRESENT_MASK, SpteFlavor)
 
@@ -404,14 +402,6 @@ def survey(source: Source) -> Survey:
     return out
 
 
-def role_known_mask(metadata: dict[str, Any]) -> int | None:
-    """The role-word bits a trace really knows: decoded from tracefs text, a role lacks the bits the
-    print format hides (cr0_wp, smep/smap_andnot_wp, guest_mode, ...); None when it has them all."""
-    if "role_known_mask" in metadata:
-        return int(metadata["role_known_mask"])
-    return ROLE_KNOWN_MASK if metadata.get("recorder") in ("tracefs", "import") else None
-
-
 def collect(source: Source, known: Survey, ignored: frozenset[str], role_mask: int | None = None) -> list[VmEvents]:
     """Cut one trace into VMs, vCPU lanes, faults and outside-fault decisions.
 
@@ -602,8 +592,8 @@ def diff_sources(a: Source, b: Source, *, ignore: Iterable[str] = (), no_ignore:
     unrecorded = sorted(name for name in known_a.unrecorded() ^ known_b.unrecorded()
                         if name.rpartition(".")[2] not in ignored and name not in ignored)
     ignored |= set(unrecorded)
-    masks = [m for m in (role_known_mask(a.metadata), role_known_mask(b.metadata)) if m is not None]
-    role_mask = functools.reduce(operator.and_, masks) if masks else None
+    role_mask = known_role_mask(a.metadata) & known_role_mask(b.metadata)
+    role_mask = None if role_mask == 0xFFFFFFFF else role_mask
     vms_a, vms_b = collect(a, known_a, ignored, role_mask), collect(b, known_b, ignored, role_mask)
     counts = [sum(v.vm is not None for v in vms) for vms in (vms_a, vms_b)]
     vms_a, vms_b = _pair_vms(vms_a, vms_b)

@@ -37,6 +37,7 @@ from mmutrace import storage
 from mmutrace.errors import HostError, TraceFileError
 from mmutrace.schema import ARROW_SCHEMA, EVENTS, EVENTS_BY_NAME, SORT_COLUMNS
 from mmutrace.tracefs import TRACEFS, parse_format, read_format
+from replay.role import ACCESS_STR, PRINTED_ROLE_MASK, ROLE_LAYOUT_6_1
 
 #: Default limit on unparsed lines, as a fraction of the event lines (``mmutrace import --max-unparsed``).
 MAX_UNPARSED_FRACTION = 0.01
@@ -48,31 +49,16 @@ CHUNK_BYTES = 64 << 20
 # --------------------------------------------------------------------------------------------
 
 
-class RoleBit(enum.IntEnum):
-    """Bit positions of ``union kvm_mmu_page_role`` (LSB first; same in 6.1, 6.12, 6.18)."""
-
-    LEVEL = 0  # 4 bits
-    HAS_4_BYTE_GPTE = 4
-    QUADRANT = 5  # 2 bits
-    DIRECT = 7
-    ACCESS = 8  # 3 bits: ACC_EXEC 1, ACC_WRITE 2, ACC_USER 4
-    INVALID = 11
-    EFER_NX = 12
-    AD_DISABLED = 16
-
-
-#: Role bits that the printed text determines: level, 4/8-byte, quadrant, direct, access, invalid,
-#: nxe, ad.  cr0_wp, smep/smap_andnot_wp, guest_mode, passthrough, is_mirror and smm are not printed;
-#: an imported role has them 0, and replay must compare roles under this mask only.
-ROLE_KNOWN_MASK = (
-    (0xF << RoleBit.LEVEL) | (1 << RoleBit.HAS_4_BYTE_GPTE) | (0x3 << RoleBit.QUADRANT) | (1 << RoleBit.DIRECT)
-    | (0x7 << RoleBit.ACCESS) | (1 << RoleBit.INVALID) | (1 << RoleBit.EFER_NX) | (1 << RoleBit.AD_DISABLED)
-)
+#: Role bits the printed text determines; an imported role has the hidden ones 0, and replay and
+#: diff compare roles under this mask only (replay.role.known_role_mask).
+ROLE_KNOWN_MASK = PRINTED_ROLE_MASK
+_ROLE_SHIFT = {name: shift for name, (shift, _) in ROLE_LAYOUT_6_1.fields.items()}
+_ACCESS_BITS = {text: bits for bits, text in enumerate(ACCESS_STR)}
 
 
 def access_from_text(text: str) -> int:
     """ACC_* bits from mmutrace.h's ``access_str[]`` (``w``=ACC_WRITE 2, ``u``=ACC_USER 4, ``x``=ACC_EXEC 1)."""
-    return {"w": 2, "u": 4, "x": 1}.get(text[0], 0) | {"u": 4}.get(text[1], 0) | {"x": 1}.get(text[2], 0)
+    return _ACCESS_BITS[text]
 
 
 def role_from_text(level: Any, gpte_bytes: Any, quadrant: Any, direct: Any, access: Any, invalid: Any,
@@ -82,10 +68,11 @@ def role_from_text(level: Any, gpte_bytes: Any, quadrant: Any, direct: Any, acce
     (``access`` already as ACC_* bits; the flags as bools, ``nxe``/``ad`` true when printed without ``!``)."""
     as_int = lambda v: np.asarray(v).astype(np.int64)  # noqa: E731 - local shorthand
     return (
-        (as_int(level) << RoleBit.LEVEL) | (as_int(np.asarray(gpte_bytes) == 4) << RoleBit.HAS_4_BYTE_GPTE)
-        | (as_int(quadrant) << RoleBit.QUADRANT) | (as_int(direct) << RoleBit.DIRECT)
-        | (as_int(access) << RoleBit.ACCESS) | (as_int(invalid) << RoleBit.INVALID)
-        | (as_int(nxe) << RoleBit.EFER_NX) | (as_int(np.logical_not(ad)) << RoleBit.AD_DISABLED)
+        (as_int(level) << _ROLE_SHIFT["level"])
+        | (as_int(np.asarray(gpte_bytes) == 4) << _ROLE_SHIFT["has_4_byte_gpte"])
+        | (as_int(quadrant) << _ROLE_SHIFT["quadrant"]) | (as_int(direct) << _ROLE_SHIFT["direct"])
+        | (as_int(access) << _ROLE_SHIFT["access"]) | (as_int(invalid) << _ROLE_SHIFT["invalid"])
+        | (as_int(nxe) << _ROLE_SHIFT["efer_nx"]) | (as_int(np.logical_not(ad)) << _ROLE_SHIFT["ad_disabled"])
     )
 
 

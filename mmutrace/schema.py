@@ -253,6 +253,8 @@ METADATA_KEYS: dict[str, str] = {
     "stop_reason": "str: what ended the recording: 'command exited', 'process exited', 'duration', 'interrupted' (the recorder); an exception's class name (the writer); 'killed' (repair)",
     "reorder": "object: {window_ns, late_rows}: rows that arrived later than the reorder window (kept, placed in order)",
     "repair": "object: {segments, rows, skipped, note} when `mmutrace repair` rebuilt the file",
+    "role_known_mask": "int: role-word bits the trace knows (tracefs text hides some; absent = all 32)",
+    "zero_pfn": "int: pfn of the host's zero page, which read faults on untouched memory map (decides them)",
     "import_source": "object: {path, format, lines, unparsed} for imported traces",
     "event_hits": "object: event name -> how often its probe fired for a recorded process (bcc; rows + lost = hits)",
     "pid": "int: the process recorded with `record -p PID`",

@@ -8,7 +8,9 @@ know is bit 19, ``is_mirror`` (TDX prep series, absent in 6.12.117, present in t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
 #: ACC_* bits of ``role.access`` and of walk access (mmu.h): exec, write, user.
 ACC_EXEC_MASK = 1
@@ -54,19 +56,38 @@ class RoleLayout:
         mask = ((1 << width) - 1) << shift
         return (word & ~mask) | ((value << shift) & mask)
 
+    def mask(self, names: Iterable[str]) -> int:
+        """The bits the named fields occupy."""
+        mask = 0
+        for name in names:
+            shift, width = self.fields[name]
+            mask |= ((1 << width) - 1) << shift
+        return mask
+
     @property
     def defined_mask(self) -> int:
         """Bits that belong to a named field (the rest is padding and always 0)."""
-        mask = 0
-        for shift, width in self.fields.values():
-            mask |= ((1 << width) - 1) << shift
-        return mask
+        return self.mask(self.fields)
 
 
 ROLE_LAYOUT_6_1 = RoleLayout("6.1", {name: (shift, width) for name, shift, width in _COMMON_FIELDS})
 #: 6.12.117 has the same layout as 6.1 (is_mirror not yet merged).
 ROLE_LAYOUT_6_12 = replace(ROLE_LAYOUT_6_1, name="6.12")
 ROLE_LAYOUT_6_18 = RoleLayout("6.18", {**ROLE_LAYOUT_6_1.fields, "is_mirror": (19, 1)})
+
+#: Fields KVM_MMU_PAGE_PRINTK prints; cr0_wp, smep/smap_andnot_wp, guest_mode, passthrough, is_mirror
+#: and smm are hidden, so a role word rebuilt from tracefs text has them 0.
+PRINTED_FIELDS = ("level", "has_4_byte_gpte", "quadrant", "direct", "access", "invalid", "efer_nx", "ad_disabled")
+#: The role bits tracefs text determines (the printed fields sit at the same bits in every known layout).
+PRINTED_ROLE_MASK = ROLE_LAYOUT_6_1.mask(PRINTED_FIELDS)
+
+
+def known_role_mask(metadata: dict[str, Any]) -> int:
+    """The role-word bits a trace really carries: all of them from the recorder's raw tracepoints,
+    only PRINTED_ROLE_MASK from tracefs text (an import, or the tracefs backend)."""
+    if "role_known_mask" in metadata:
+        return int(metadata["role_known_mask"])
+    return PRINTED_ROLE_MASK if metadata.get("recorder") in ("tracefs", "import") else 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
