@@ -8,7 +8,7 @@ predicted and recorded streams); ``COMPARED`` the columns whose values are the d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 #: Short decision-kind names (the JSON's ``kind``), one per decision event the models make.
@@ -74,15 +74,14 @@ class Decision:
     """One predicted decision.
 
     ``twin`` is the kernel function that makes it; ``undecidable`` names the missing input when the
-    model cannot decide (the engine then adopts the recorded outcome); ``context`` is what a reader
-    needs to see why (the model's state of the page involved).
+    model cannot decide (the engine then adopts the recorded outcome).  A divergence's context is
+    built by the engine only when one is reported (one decision per guest page is judged).
     """
 
     event: str
     values: dict[str, Any]
     twin: str
     undecidable: str | None = None
-    context: dict[str, Any] = field(default_factory=dict)
     #: The model object the decision is about (a ShadowPage), so an adopted outcome can be applied.
     subject: Any = None
 

@@ -87,8 +87,8 @@ class ReplayResult:
     kernel_release: str | None
     rules: VersionRules
     split: Split
-    counters: Counter = field(default_factory=Counter)
-    by_kind: dict[str, Counter] = field(default_factory=dict)
+    #: (kind, verdict) -> count; ``counters`` and ``by_kind`` are views of it.
+    tally: dict[tuple[str, str], int] = field(default_factory=dict)
     divergences: list[dict[str, Any]] = field(default_factory=list)
     divergences_total: int = 0
     undecidable_reasons: Counter = field(default_factory=Counter)
@@ -101,11 +101,26 @@ class ReplayResult:
     _model_rows: list[dict[str, Any]] | None = field(default_factory=list)
 
     def count(self, kind: str, verdict: str) -> None:
-        self.counters[verdict] += 1
-        self.counters["decisions"] += 1
-        per = self.by_kind.setdefault(kind, Counter())
-        per[verdict] += 1
-        per["decisions"] += 1
+        key = (kind, verdict)
+        self.tally[key] = self.tally.get(key, 0) + 1
+
+    @property
+    def by_kind(self) -> dict[str, Counter]:
+        """Verdict counters per decision kind, each with its ``decisions`` total."""
+        per: dict[str, Counter] = {}
+        for (kind, verdict), n in self.tally.items():
+            c = per.setdefault(kind, Counter())
+            c[verdict] += n
+            c["decisions"] += n
+        return per
+
+    @property
+    def counters(self) -> Counter:
+        """Verdict counters over all kinds, with the ``decisions`` total."""
+        total: Counter = Counter()
+        for c in self.by_kind.values():
+            total.update(c)
+        return total
 
     @property
     def diverged(self) -> bool:
@@ -114,8 +129,9 @@ class ReplayResult:
     def to_json(self) -> dict[str, Any]:
         """The one JSON object of ``mmutrace replay --json`` (docs/replay.md)."""
         keys = ("decisions",) + VERDICTS
+        counters = self.counters
         return {
-            **{k: int(self.counters[k]) for k in keys},
+            **{k: int(counters[k]) for k in keys},
             "by_kind": {kind: {k: int(c[k]) for k in keys} for kind, c in sorted(self.by_kind.items())},
             "divergences": self.divergences,
             "divergences_total": self.divergences_total,
@@ -576,12 +592,25 @@ class VmReplay:
         return self.masked(column, row.get(column))
 
     def compare(self, d: Decision, row: dict[str, Any]) -> list[str]:
+        """The judged columns where prediction and record differ (once per decision: kept inline,
+        it is recorded_value/masked without their calls)."""
         diff = []
+        values = d.values
         for column in COMPARED[d.event]:
-            recorded = self.recorded_value(column, row)
+            if column == "sptep_offset":
+                recorded = row.get("sptep")
+                if recorded is not None:
+                    recorded &= 0xFFF
+            else:
+                recorded = row.get(column)
             if recorded is None:
                 continue  # not in this trace (e.g. imported text without the field)
-            if self.masked(column, d.values.get(column)) != recorded:
+            predicted = values.get(column)
+            if column == "role":
+                recorded &= self.role_mask
+                if predicted is not None:
+                    predicted &= self.role_mask
+            if predicted != recorded:
                 diff.append(column)
         return diff
 
