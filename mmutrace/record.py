@@ -26,7 +26,7 @@ from typing import Any
 from mmutrace import hostinfo, schema, storage, tracefs
 from mmutrace.errors import HostError, UsageError
 
-#: How long the consumer sleeps when the ring is empty: at 1.5M events/s that is ~2 MiB of records,
+#: How long the recorder sleeps when the ring is empty: at 1.5M events/s that is ~2 MiB of records,
 #: far below the ring's 128 MiB, and it keeps wake-ups off the probes' hot path.
 POLL_INTERVAL_S = 0.01
 #: stop_reason when the traced command ended by itself (its exit status then matters).
@@ -76,8 +76,9 @@ class RecordResult:
     stop_reason: str
     child_status: int | None
     scenario: dict[str, Any] | None
-    cpu_s: float
+    cpu_s: float  # the recorder's, its converter's included
     metadata: dict[str, Any]
+    convert_cpu_s: float = 0.0  # bcc: the converter child's share of cpu_s
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +321,10 @@ def _run(opts: RecordOptions, child: Child | None, step: Callable[[], None],
 
 
 def _record_bcc(opts: RecordOptions, command: list[str] | None, status: bool) -> RecordResult:
-    from mmutrace.ringbuf import RingBuffer, decode
+    """The ring is spooled raw while the target runs; a nice-19 converter child decodes and writes
+    the Parquet file (mmutrace.spool), so the recorder itself keeps up with a vCPU at full speed."""
+    from mmutrace.ringbuf import RingBuffer
+    from mmutrace.spool import Spool
     from probes.loader import RINGBUF_PAGES, MmuProbes
 
     targeted = opts.pid is not None or command is not None
@@ -332,36 +336,32 @@ def _record_bcc(opts: RecordOptions, command: list[str] | None, status: bool) ->
     meta["event_inputs"] = {e: list(schema.event_kind(e).inputs) for e in opts.events}
     child = None
     try:
-        with stop_on_sigterm(), storage.TraceWriter(opts.output, meta, force=opts.force) as writer:
+        with stop_on_sigterm(), Spool(opts.output, meta, force=opts.force) as spool:
 
             def step() -> None:
-                records = ring.drain()
-                if len(records):
-                    writer.write_batch(decode(records))
-                else:
+                if not spool.take(ring):
                     time.sleep(POLL_INTERVAL_S)
 
             if command is not None:
                 child = Child(command, capture_stdout=opts.scenario is not None)
                 probes.add_target(child.pid)
             stop_reason, child_status = _run(
-                opts, child, step, lambda: (writer.events_written, sum(probes.lost().values()), writer.bytes_written),
-                status)
+                opts, child, step, lambda: (spool.records, sum(probes.lost().values()), spool.bytes), status)
             # The target is gone or stopped: everything it emitted is committed; take the rest.
-            while len(records := ring.drain()):
-                writer.write_batch(decode(records))
+            while spool.take(ring):
+                pass
             hits = probes.hits()
-            writer.update_metadata(
+            events, result_meta = spool.finish(
                 stop_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC), stop_reason=stop_reason,
                 lost=probes.lost(), event_hits=hits, **_child_metadata(opts, child, child_status))
-            result_meta, events = writer.metadata, writer.events_written
     finally:
         if child is not None and child.proc.returncode is None:
             child.finish()
         ring.close()
         probes.close()
     return RecordResult(opts.output, events, result_meta["lost_total"], hits, stop_reason, child_status,
-                        result_meta.get("scenario"), time.process_time() - cpu0, result_meta)
+                        result_meta.get("scenario"), time.process_time() - cpu0 + spool.convert_cpu_s,
+                        result_meta, convert_cpu_s=spool.convert_cpu_s)
 
 
 def _record_tracefs(opts: RecordOptions, command: list[str] | None, status: bool) -> RecordResult:

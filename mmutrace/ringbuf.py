@@ -3,14 +3,16 @@
 No per-event Python: the ring buffer map is mmapped (kernel/bpf/ringbuf.c layout: the consumer
 page at offset 0, read-write; the producer page and then the data pages, mapped twice so a record
 never wraps, at offset PAGE_SIZE, read-only), every committed record between ``consumer_pos`` and
-``producer_pos`` is copied out as one numpy structured array, and ``consumer_pos`` is advanced past
-them.  ``decode`` then builds each schema column for the whole batch at once from the per-event slot
+``producer_pos`` is copied out at once, and ``consumer_pos`` is advanced past them: as one numpy
+structured array (``drain``), or, on the recorder's hot path, written raw to a spool file with one
+``write`` (``drain_to``; mmutrace.spool decodes it off the hot path).  ``decode`` then builds each schema column for the whole batch at once from the per-event slot
 table in probes/layout.py.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +32,11 @@ RING_DTYPE = np.dtype([("len", "<u4"), ("pgoff", "<u4"), ("rec", RECORD_DTYPE)])
 assert RING_DTYPE.itemsize % 8 == 0
 
 
+def kept_records(ring: np.ndarray) -> np.ndarray:
+    """The ``struct mmu_record``s of committed ring records (RING_DTYPE), DISCARDed ones left out."""
+    return ring["rec"][(ring["len"] & BPF_RINGBUF_DISCARD_BIT) == 0]
+
+
 class RingBuffer:
     """The mmapped ring buffer of map ``fd`` holding ``data_size`` bytes of records."""
 
@@ -47,26 +54,40 @@ class RingBuffer:
     def pending_bytes(self) -> int:
         return int(self._producer_pos[0]) - int(self._consumer_pos[0])
 
-    def drain(self, max_records: int = 1 << 20) -> np.ndarray:
-        """Copy out up to ``max_records`` committed records (RECORD_DTYPE) and release their space.
+    def _committed(self, max_records: int) -> tuple[int, np.ndarray]:
+        """``consumer_pos`` and the committed ring records after it (a view into the ring).
 
         Stops at the first record still being written (BUSY): records commit out of order across
         CPUs, and the consumer must not pass one that is not done.
         """
         cons = int(self._consumer_pos[0])
-        avail = (int(self._producer_pos[0]) - cons) // RING_DTYPE.itemsize
-        n = min(avail, max_records)
-        if n <= 0:
-            return np.empty(0, RECORD_DTYPE)
+        n = min((int(self._producer_pos[0]) - cons) // RING_DTYPE.itemsize, max_records)
         start = cons % self.data_size
-        ring = self._data[start: start + n * RING_DTYPE.itemsize].view(RING_DTYPE)
-        lens = ring["len"]
-        busy = np.flatnonzero(lens & BPF_RINGBUF_BUSY_BIT)
-        if len(busy):
-            ring, lens = ring[: busy[0]], lens[: busy[0]]
-        records = ring["rec"][(lens & BPF_RINGBUF_DISCARD_BIT) == 0].copy()
+        ring = self._data[start: start + max(n, 0) * RING_DTYPE.itemsize].view(RING_DTYPE)
+        busy = np.flatnonzero(ring["len"] & BPF_RINGBUF_BUSY_BIT)
+        return cons, ring[: busy[0]] if len(busy) else ring
+
+    def _release(self, cons: int, ring: np.ndarray) -> None:
+        """Give the space of ``ring`` (the records taken from ``cons`` on) back to the producers."""
         self._consumer_pos[0] = cons + len(ring) * RING_DTYPE.itemsize
+
+    def drain(self, max_records: int = 1 << 20) -> np.ndarray:
+        """Copy out up to ``max_records`` committed records (RECORD_DTYPE) and release their space."""
+        cons, ring = self._committed(max_records)
+        records = kept_records(ring).copy()
+        self._release(cons, ring)
         return records
+
+    def drain_to(self, fd: int, max_records: int = 1 << 20) -> int:
+        """Write up to ``max_records`` committed ring records, headers included, to the file ``fd``
+        and release their space; returns how many.  One ``write`` from the mapped ring, no decoding:
+        the recorder's hot path (mmutrace.spool)."""
+        cons, ring = self._committed(max_records)
+        data = memoryview(ring.view(np.uint8))
+        while data:
+            data = data[os.write(fd, data):]
+        self._release(cons, ring)
+        return len(ring)
 
     def close(self) -> None:
         del self._consumer_pos, self._producer_pos, self._data

@@ -1,0 +1,187 @@
+"""The bcc recorder's hot path: raw ring records into spool files, decoded and written off that path.
+
+Decoding, sorting and Parquet-encoding an event costs ~1.7 µs of CPU; one vCPU faulting at full
+speed makes ~1.5M events/s, and on a small machine a recorder doing that work next to the guest
+takes CPU from the vCPU.  So the recording process only copies the committed ring records (their
+``bpf_ringbuf_hdr`` included) into chunk files of the recording's hidden partial directory
+(``spool-NNNNNN.bin``, with ``spool.json`` describing the record layout beside them) and advances
+``consumer_pos``: one ``write`` per poll, at memcpy speed.  A converter child (``python -m
+mmutrace.spool``), at nice 19 so the vCPU keeps its core, owns the storage.TraceWriter: it decodes
+each chunk the recorder hands over, writes its rows (segments, as before) and deletes the chunk, and
+finalizes the file once the recorder says the recording ended.
+
+Crash safety: Ctrl-C and SIGTERM reach the recorder only (the converter runs in its own session and
+ignores them); the recorder drains the ring, hands over the last chunk and waits for the converter
+to finalize the file.  A SIGKILLed recorder takes the converter with it (``PR_SET_PDEATHSIG``): the
+segments written so far are what ``mmutrace repair`` recovers; chunks not yet converted are lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from mmutrace import schema, storage
+from mmutrace.errors import HostError
+from mmutrace.ringbuf import RING_DTYPE, RingBuffer, decode, kept_records
+
+#: A chunk is handed to the converter when it holds this many records (32 MiB, one row group) ...
+CHUNK_RECORDS = 1 << 18
+#: ... or is this old, so segments (what a SIGKILL keeps) follow the recording closely.
+CHUNK_SECONDS = 0.5
+LAYOUT_NAME = "spool.json"
+_PR_SET_PDEATHSIG = 1
+
+
+def spool_layout() -> dict[str, Any]:
+    """What ``spool.json`` says: the chunks' record layout, for anything reading them."""
+    return {"chunks": "spool-*.bin", "record_size": RING_DTYPE.itemsize, "dtype": RING_DTYPE.descr,
+            "header": "struct bpf_ringbuf_hdr: len (bit 31 busy, bit 30 discard), pg_off",
+            "events": [e.name for e in schema.EVENTS]}
+
+
+@contextlib.contextmanager
+def _stop_signals_ignored() -> Iterator[None]:
+    """While the recorder waits for the converter, Ctrl-C/SIGTERM must not abandon it half-way."""
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class Spool:
+    """Spools a ring buffer into chunk files that a converter child turns into the trace ``output``.
+
+    A context manager that ends the recording however the block ends, with TraceWriter's rule:
+    normally or by KeyboardInterrupt/SystemExit the file is ``complete``, otherwise it is not.
+    """
+
+    def __init__(self, output: Path, metadata: Mapping[str, Any], force: bool) -> None:
+        self.partial = storage.partial_dir(output)
+        self.records = 0  # spooled so far
+        self.convert_cpu_s = 0.0
+        self._fd: int | None = None
+        self._chunks = self._chunk_records = 0
+        self._opened = 0.0
+        self._done = False
+        self._proc = subprocess.Popen([sys.executable, "-m", "mmutrace.spool", str(os.getpid())],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      start_new_session=True)
+        with _stop_signals_ignored():
+            self._send({"output": str(output), "metadata": metadata, "force": force})
+            assert self._proc.stdout is not None
+            if self._proc.stdout.readline().strip() != "ready":
+                self._done = True
+                raise HostError(f"the spool converter did not start (status {self._proc.wait()})")
+        (self.partial / LAYOUT_NAME).write_text(json.dumps(spool_layout()))
+
+    @property
+    def bytes(self) -> int:
+        return self.records * RING_DTYPE.itemsize
+
+    def _send(self, message: Mapping[str, Any]) -> None:
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(json.dumps(message) + "\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            self._done = True
+            raise HostError(f"the spool converter died (status {self._proc.wait()}); what it wrote is in "
+                            f"{self.partial}: run 'mmutrace repair'") from None
+
+    def take(self, ring: RingBuffer) -> int:
+        """Spool the ring's committed records; returns how many (0: the ring was empty)."""
+        if self._fd is None:
+            path = self.partial / f"spool-{self._chunks:06d}.bin"
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._opened = time.monotonic()
+        n = ring.drain_to(self._fd, CHUNK_RECORDS - self._chunk_records)
+        self._chunk_records += n
+        self.records += n
+        if self._chunk_records >= CHUNK_RECORDS or (
+                self._chunk_records and time.monotonic() - self._opened >= CHUNK_SECONDS):
+            self._hand_over()
+        return n
+
+    def _hand_over(self) -> None:
+        """Close the current chunk and give it to the converter."""
+        assert self._fd is not None
+        os.close(self._fd)
+        self._send({"chunk": f"spool-{self._chunks:06d}.bin"})
+        self._fd, self._chunks, self._chunk_records = None, self._chunks + 1, 0
+
+    def finish(self, complete: bool = True, **metadata: Any) -> tuple[int, dict[str, Any]]:
+        """End the recording: the converter converts every chunk, merges ``metadata`` and finalizes
+        the file.  Returns the events written and the file's metadata."""
+        self._done = True
+        with _stop_signals_ignored():
+            if self._chunk_records:
+                self._hand_over()
+            elif self._fd is not None:
+                os.close(self._fd)
+                (self.partial / f"spool-{self._chunks:06d}.bin").unlink()
+            self._send({"end": metadata, "complete": complete})
+            assert self._proc.stdin is not None and self._proc.stdout is not None
+            self._proc.stdin.close()
+            out = self._proc.stdout.read()
+            _, status, usage = os.wait4(self._proc.pid, 0)
+            self._proc.returncode = os.waitstatus_to_exitcode(status)
+        self.convert_cpu_s = usage.ru_utime + usage.ru_stime
+        if self._proc.returncode != 0:
+            raise HostError(f"the spool converter failed (status {self._proc.returncode}); what it wrote "
+                            f"is in {self.partial}: run 'mmutrace repair'")
+        result = json.loads(out)
+        return result["events"], result["metadata"]
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._done:
+            return
+        stopped = exc_type is None or issubclass(exc_type, (KeyboardInterrupt, SystemExit))
+        self.finish(complete=stopped, **({"stop_reason": exc_type.__name__} if exc_type is not None else {}))
+
+
+def _convert(recorder: int) -> int:
+    """The converter child: chunks named on stdin into the TraceWriter, until ``end`` (see above)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != recorder:  # it died before prctl
+        return 1
+    os.nice(19)
+    start = json.loads(sys.stdin.readline())
+    writer = storage.TraceWriter(start["output"], start["metadata"], force=start["force"])
+    print("ready", flush=True)
+    for line in sys.stdin:
+        message = json.loads(line)
+        if "chunk" in message:
+            chunk = storage.partial_dir(writer.path) / message["chunk"]
+            writer.write_batch(decode(kept_records(np.fromfile(chunk, RING_DTYPE))))
+            chunk.unlink()
+            continue
+        writer.update_metadata(**message["end"])
+        writer.close(complete=message["complete"])
+        print(json.dumps({"events": writer.events_written, "metadata": writer.metadata}), flush=True)
+        return 0
+    return 1  # the recorder ended without ending the recording: the segments stay for repair
+
+
+if __name__ == "__main__":
+    sys.exit(_convert(int(sys.argv[1])))
