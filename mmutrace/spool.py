@@ -41,6 +41,13 @@ from mmutrace.ringbuf import RING_DTYPE, RingBuffer, decode, kept_records
 CHUNK_RECORDS = 1 << 18
 #: ... or is this old, so segments (what a SIGKILL keeps) follow the recording closely.
 CHUNK_SECONDS = 0.5
+#: Closed chunks are handed over while the events come slower than QUIET_RATE a second (measured
+#: over RATE_WINDOW_S), or once MAX_BACKLOG_RECORDS wait (256 MiB): while a guest faults at speed
+#: a converter running next to it slows it even at nice 19 (docs/benchmarks.md), so conversion
+#: waits for a quiet moment, up to that much.
+QUIET_RATE = 50_000
+RATE_WINDOW_S = 0.1
+MAX_BACKLOG_RECORDS = 1 << 21
 LAYOUT_NAME = "spool.json"
 _PR_SET_PDEATHSIG = 1
 
@@ -75,6 +82,9 @@ class Spool:
         self.records = 0  # spooled so far
         self.convert_cpu_s = 0.0
         self._fd: int | None = None
+        self._ready: list[str] = []  # closed chunks not yet handed to the converter
+        self._quiet = True  # the spool rate was below QUIET_RATE in the last RATE_WINDOW_S
+        self._window_start, self._window_records = time.monotonic(), 0
         self._chunks = self._chunk_records = 0
         self._opened = 0.0
         self._done = False
@@ -114,15 +124,32 @@ class Spool:
         self.records += n
         if self._chunk_records >= CHUNK_RECORDS or (
                 self._chunk_records and time.monotonic() - self._opened >= CHUNK_SECONDS):
+            self._close_chunk()
+        self._measure_rate(n)
+        if self._ready and (self._quiet or len(self._ready) * CHUNK_RECORDS >= MAX_BACKLOG_RECORDS):
             self._hand_over()
         return n
 
-    def _hand_over(self) -> None:
-        """Close the current chunk and give it to the converter."""
+    def _measure_rate(self, n: int) -> None:
+        """Count ``n`` records into the rate window; at its end, decide whether the guest is quiet."""
+        now = time.monotonic()
+        self._window_records += n
+        if now - self._window_start >= RATE_WINDOW_S:
+            self._quiet = self._window_records < QUIET_RATE * (now - self._window_start)
+            self._window_start, self._window_records = now, 0
+
+    def _close_chunk(self) -> None:
+        """Close the current chunk and queue it for the converter."""
         assert self._fd is not None
         os.close(self._fd)
-        self._send({"chunk": f"spool-{self._chunks:06d}.bin"})
+        self._ready.append(f"spool-{self._chunks:06d}.bin")
         self._fd, self._chunks, self._chunk_records = None, self._chunks + 1, 0
+
+    def _hand_over(self) -> None:
+        """Give the queued chunks to the converter."""
+        for name in self._ready:
+            self._send({"chunk": name})
+        self._ready.clear()
 
     def finish(self, complete: bool = True, **metadata: Any) -> tuple[int, dict[str, Any]]:
         """End the recording: the converter converts every chunk, merges ``metadata`` and finalizes
@@ -130,10 +157,11 @@ class Spool:
         self._done = True
         with _stop_signals_ignored():
             if self._chunk_records:
-                self._hand_over()
+                self._close_chunk()
             elif self._fd is not None:
                 os.close(self._fd)
                 (self.partial / f"spool-{self._chunks:06d}.bin").unlink()
+            self._hand_over()
             self._send({"end": metadata, "complete": complete})
             assert self._proc.stdin is not None and self._proc.stdout is not None
             self._proc.stdin.close()
