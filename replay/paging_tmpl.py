@@ -12,7 +12,7 @@ the leaf level and gfn.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from replay.role import ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK
 
@@ -61,24 +61,31 @@ class CpuRole:
     gbpages: bool = True
 
 
-@dataclass
 class GuestWalker:
-    """struct guest_walker: what the walk found, indexed by level-1 like the kernel's arrays."""
+    """struct guest_walker: what the walk found, indexed by level-1 like the kernel's arrays.
 
-    level: int = 0
-    max_level: int = 0
-    gfn: int = 0
-    pte_access: int = 0
-    table_gfn: list[int] = field(default_factory=lambda: [0] * 5)
-    ptes: list[int] = field(default_factory=lambda: [0] * 5)
-    pt_access: list[int] = field(default_factory=lambda: [0] * 5)
-    pte_gpa: list[int] = field(default_factory=lambda: [0] * 5)
-    #: Guest A/D writes in trace order: ("kvm_mmu_set_accessed_bit" | "kvm_mmu_set_dirty_bit", gpa).
-    ad_writes: list[tuple[str, int]] = field(default_factory=list)
-    #: The #PF error code injected (kvm_mmu_walker_error), or None when the walk succeeded.
-    fault_error_code: int | None = None
-    #: The trace held fewer PTEs than the walk reads (e.g. a lost event): the walk is undecidable.
-    truncated: bool = False
+    A plain slotted class (one is made per guest walk; a dataclass's factories cost more than
+    the walk itself).
+    """
+
+    __slots__ = ("level", "max_level", "gfn", "pte_access", "table_gfn", "ptes", "pt_access", "pte_gpa",
+                 "ad_writes", "fault_error_code", "truncated")
+
+    def __init__(self, level: int = 0, max_level: int = 0) -> None:
+        self.level = level
+        self.max_level = max_level
+        self.gfn = 0
+        self.pte_access = 0
+        self.table_gfn = [0, 0, 0, 0, 0]
+        self.ptes = [0, 0, 0, 0, 0]
+        self.pt_access = [0, 0, 0, 0, 0]
+        self.pte_gpa = [0, 0, 0, 0, 0]
+        #: Guest A/D writes in trace order: ("kvm_mmu_set_accessed_bit" | "kvm_mmu_set_dirty_bit", gpa).
+        self.ad_writes: list[tuple[str, int]] = []
+        #: The #PF error code injected (kvm_mmu_walker_error), or None when the walk succeeded.
+        self.fault_error_code: int | None = None
+        #: The trace held fewer PTEs than the walk reads (e.g. a lost event): the walk is undecidable.
+        self.truncated = False
 
 
 def gpte_to_gfn_lvl(pt: PtType, gpte: int, level: int) -> int:
@@ -100,6 +107,17 @@ def is_rsvd_bits_set(rsvd_bits_mask: tuple[tuple[int, int], ...], pt: PtType, gp
     return bool(gpte & rsvd_bits_mask[level][bool(gpte & pt.page_size_mask)])
 
 
+def rsvds_bits_mask(pt: PtType, role: CpuRole) -> tuple[tuple[int, int], ...]:
+    """The reserved-bit masks of ``role``: the last role's are kept by identity (hashing the two
+    frozen dataclasses for the lru_cache costs more than a walk's level), else looked up."""
+    global _last_rsvds
+    if _last_rsvds[0] is pt and _last_rsvds[1] is role:
+        return _last_rsvds[2]
+    masks = reset_rsvds_bits_mask(pt, role)
+    _last_rsvds = (pt, role, masks)
+    return masks
+
+
 @functools.lru_cache(maxsize=16)
 def reset_rsvds_bits_mask(pt: PtType, role: CpuRole) -> tuple[tuple[int, int], ...]:
     """Reserved bits per level, [level][huge] (__reset_rsvds_bits_mask precomputes them per MMU):
@@ -116,6 +134,9 @@ def reset_rsvds_bits_mask(pt: PtType, role: CpuRole) -> tuple[tuple[int, int], .
             huge |= ((1 << (PAGE_SHIFT + (level - 1) * pt.index_bits)) - 1) & ~0x1FFF  # above PAT bit 12
         masks.append((rsvd, huge))
     return tuple(masks)
+
+
+_last_rsvds: tuple[PtType | None, CpuRole | None, tuple[tuple[int, int], ...]] = (None, None, ())
 
 
 def is_last_gpte(pt: PtType, level: int, gpte: int) -> bool:
@@ -151,34 +172,42 @@ def walk_addr_generic(pt: PtType, role: CpuRole, root_gfn: int, addr: int, acces
     user_fault = access & PFERR_USER_MASK
     fetch_fault = access & PFERR_FETCH_MASK
     nx_mask = 1 << pt.nx_shift if pt.nx_shift is not None else 0
-    rsvd_bits_mask = reset_rsvds_bits_mask(pt, role)
+    rsvd_bits_mask = rsvds_bits_mask(pt, role)
     pte_access = ~0
     errcode = 0
     level = role.root_level + 1
     it = iter(ptes)
     table_gfn = root_gfn
     pte = 0
+    # The loop runs once per guest PTE of every fault: gpte_to_gfn_lvl(pte, 1), is_rsvd_bits_set,
+    # gpte_access and is_last_gpte are inlined below on these per-type constants.
+    index_mask = (1 << pt.index_bits) - 1
+    present_mask, page_size_mask, base_addr_mask = pt.present_mask, pt.page_size_mask, pt.base_addr_mask
+    access_bits = pt.writable_mask | pt.user_mask | pt.present_mask
+    nx_shift = pt.nx_shift if pt.nx_shift is not None else 64  # no NX bit: the shift reads 0
+    table_ptes, table_gfns, pte_gpas, pt_accesses = w.ptes, w.table_gfn, w.pte_gpa, w.pt_access
     while True:
         pt_access = pte_access
         level -= 1
-        index = (addr >> (PAGE_SHIFT + (level - 1) * pt.index_bits)) & ((1 << pt.index_bits) - 1)
+        index = (addr >> (PAGE_SHIFT + (level - 1) * pt.index_bits)) & index_mask
         if level < role.root_level:
-            table_gfn = gpte_to_gfn_lvl(pt, pte, 1)
-        w.table_gfn[level - 1] = table_gfn
-        w.pte_gpa[level - 1] = (table_gfn << PAGE_SHIFT) + index * pt.pte_size
+            table_gfn = (pte & base_addr_mask) >> PAGE_SHIFT
+        table_gfns[level - 1] = table_gfn
+        pte_gpas[level - 1] = (table_gfn << PAGE_SHIFT) + index * pt.pte_size
         try:
             pte = next(it)
         except StopIteration:
             w.truncated = True
             return w
         pte_access = pt_access & (pte ^ nx_mask)
-        if not pte & pt.present_mask:
+        if not pte & present_mask:
             return _error(w, role, errcode, write_fault, user_fault, fetch_fault)
-        if is_rsvd_bits_set(rsvd_bits_mask, pt, pte, level):
+        if pte & rsvd_bits_mask[level][bool(pte & page_size_mask)]:
             return _error(w, role, PFERR_RSVD_MASK | PFERR_PRESENT_MASK, write_fault, user_fault, fetch_fault)
-        w.ptes[level - 1] = pte
-        w.pt_access[level - 1] = gpte_access(pt, (pt_access ^ nx_mask) & ((1 << 64) - 1))
-        if is_last_gpte(pt, level, pte):
+        table_ptes[level - 1] = pte
+        gpte = (pt_access ^ nx_mask) & ((1 << 64) - 1)
+        pt_accesses[level - 1] = (gpte & access_bits) ^ ((gpte >> nx_shift) & 1)
+        if level == 1 or pte & page_size_mask:
             break
     w.level = level
     accessed_dirty = pte_access & pt.accessed_mask
