@@ -5,7 +5,9 @@ One invocation runs the same deterministic scenario (``touch``, same seed and si
 - ``none``: untraced, the baseline;
 - ``tracefs``: the kvm/kvmmmu events into a private tracefs instance's binary ring buffer, filtered
   to the scenario's pid, read as ``trace_pipe_raw`` after the run (the cheapest tracefs recording);
-- ``bcc``: ``mmutrace record`` with every probe attached, written to Parquet.
+- ``bcc``: ``mmutrace record`` with every probe attached, written to Parquet (its CPU time is
+  split: the spooling recorder, and the converter child decoding and writing Parquet, mostly after
+  the guest stopped; mmutrace.spool).
 
 The guest's speed is measured between the scenario's own ``touch:seq_read`` and ``touch:end``
 markers (CLOCK_MONOTONIC, taken by the guest's host thread), so Python set-up of page tables and
@@ -45,6 +47,7 @@ class RunFigures:
     lost: int | None = None
     bytes: int | None = None  # on disk (Parquet) or in the ring buffer (trace_pipe_raw data bytes)
     cpu_s: float | None = None  # recorder CPU time (tracefs: no reader runs during the guest)
+    convert_cpu_s: float | None = None  # bcc: the part of cpu_s spent decoding and writing Parquet
 
 
 def _guest_seconds(markers: list[tuple[int, str]] | list[dict]) -> float:
@@ -141,7 +144,8 @@ def run_bcc(spec: ScenarioSpec, directory: Path) -> tuple[RunFigures, int]:
     kvm_events = sum(n for event, n in counts.items() if schema.event_kind(event).group != "ioctl")
     figures = RunFigures("bcc", _guest_seconds(result.metadata["markers"]), events=kvm_events,
                          emitted=sum(result.hits.values()), rows=result.events, lost=result.lost,
-                         bytes=out.stat().st_size, cpu_s=result.cpu_s)
+                         bytes=out.stat().st_size, cpu_s=result.cpu_s,
+                         convert_cpu_s=result.convert_cpu_s)
     return figures, result.hits["kvm_mmu_spte_requested"]
 
 
@@ -174,9 +178,9 @@ def table_rows(runs: list[RunFigures], faults: int) -> list[list[str]]:
         per_event = run.bytes / run.rows if run.bytes is not None and run.rows else None
         rows.append([run.label, f"{faults / run.guest_s:,.0f}", f"{run.guest_s / base:.2f}",
                      opt(run.events, ","), opt(run.emitted, ","), opt(run.lost, ","),
-                     opt(per_event, ".2f"), opt(run.cpu_s, ".2f")])
+                     opt(per_event, ".2f"), opt(run.cpu_s, ".2f"), opt(run.convert_cpu_s, ".2f")])
     return rows
 
 
 TABLE_HEADER = ["tracing", "guest faults/s", "guest time (× none)", "kvm+kvmmmu events kept",
-                "events emitted", "lost", "bytes/event", "recorder CPU s"]
+                "events emitted", "lost", "bytes/event", "recorder CPU s", "of which converting"]
