@@ -42,13 +42,15 @@ class ShadowPage:
     SPTEs, learned from the first aligned kvm_mmu_set_spte (used to place adopted SPTEs).
     """
 
-    __slots__ = ("gfn", "role", "mmu_valid_gen", "root_count", "unsync", "unsync_children",
+    __slots__ = ("gfn", "role", "level", "mmu_valid_gen", "root_count", "unsync", "unsync_children",
                  "unsync_child_bitmap", "sptes", "spte_ts", "children", "parent_ptes", "spt_page", "invalid",
                  "on_active_list", "write_flooding_count")
 
-    def __init__(self, gfn: int, role: int, gen: int) -> None:
+    def __init__(self, gfn: int, role: int, gen: int, level: int) -> None:
         self.gfn = gfn
         self.role = role
+        #: role.level, decoded once (every fault reads it at each level it walks).
+        self.level = level
         self.mmu_valid_gen = gen
         self.root_count = 0
         self.unsync = False
@@ -132,7 +134,7 @@ class ShadowMmu:
         self._emit("kvm_mmu_sync_page", self._sp_values(sp), "kvm_unlink_unsync_page", sp)
 
     def trace_kvm_mmu_set_spte(self, sp: ShadowPage, index: int, gfn: int, undecidable: str | None) -> None:
-        self._emit("kvm_mmu_set_spte", {"gfn": gfn, "level": self.layout.get(sp.role, "level"),
+        self._emit("kvm_mmu_set_spte", {"gfn": gfn, "level": sp.level,
                                         "spte": sp.sptes[index], "sptep_offset": index * 8},
                    "mmu_set_spte", (sp, index), undecidable)
 
@@ -200,7 +202,7 @@ class ShadowMmu:
         return a == b
 
     def kvm_mmu_alloc_shadow_page(self, gfn: int, role: int) -> ShadowPage:
-        sp = ShadowPage(gfn, role, self.arch.mmu_valid_gen)
+        sp = ShadowPage(gfn, role, self.arch.mmu_valid_gen, self.layout.get(role, "level"))
         self.active_mmu_pages[sp] = None  # list_add: the head is the newest end
         self.arch.n_used_mmu_pages += 1  # kvm_account_mmu_page
         self.mmu_page_hash.setdefault(gfn, []).insert(0, sp)
@@ -214,7 +216,7 @@ class ShadowMmu:
         """Upper levels are write-tracked; level 1 is only write-protected (so it may go unsync)."""
         self.indirect_shadow_pages += 1
         gfn = sp.gfn
-        if self.layout.get(sp.role, "level") > 1:
+        if sp.level > 1:
             self.gfn_write_track[gfn] = self.gfn_write_track.get(gfn, 0) + 1
         self.disallow_lpage[gfn] = self.disallow_lpage.get(gfn, 0) + 1
         self.kvm_mmu_slot_gfn_write_protect(gfn)
@@ -222,7 +224,7 @@ class ShadowMmu:
     def unaccount_shadowed(self, sp: ShadowPage) -> None:
         self.indirect_shadow_pages -= 1
         gfn = sp.gfn
-        if self.layout.get(sp.role, "level") > 1:
+        if sp.level > 1:
             self._dec(self.gfn_write_track, gfn)
         self._dec(self.disallow_lpage, gfn)
 
@@ -362,7 +364,7 @@ class ShadowMmu:
     # ------------------------------------------------------------------ SPTEs
 
     def _rmap_key(self, sp: ShadowPage, gfn: int) -> tuple[int, int]:
-        level = self.layout.get(sp.role, "level")
+        level = sp.level
         return level, gfn >> (9 * (level - 1))
 
     def rmap_add(self, sp: ShadowPage, index: int, gfn: int) -> None:
@@ -394,7 +396,7 @@ class ShadowMmu:
     def mmu_set_spte(self, vcpu: VcpuMmu, sp: ShadowPage, index: int, pte_access: int, gfn: int, pfn: int,
                      fault: KvmPageFault | None) -> str:
         """Install a leaf SPTE; returns "fixed", "spurious" or "write_protected" (RET_PF_* by name)."""
-        level = self.layout.get(sp.role, "level")
+        level = sp.level
         host_writable = fault is None or bool(fault.map_writable)
         prefetch = fault is None or fault.prefetch
         write_fault = fault is not None and fault.write
@@ -475,7 +477,7 @@ class ShadowMmu:
         """FNAME(fetch): indirect shadow pages down to the guest leaf level, spte_requested, direct
         pages down to goal_level, mmu_set_spte; prefetch of neighbours follows (untraced inputs)."""
         sp = vcpu.root
-        level = self.layout.get(sp.role, "level")
+        level = sp.level
         addr = fault.addr
         while True:
             index = (addr >> (12 + 9 * (level - 1))) & 511
@@ -680,7 +682,7 @@ class ShadowMmu:
         return unstable, nr_zapped
 
     def mmu_zap_unsync_children(self, parent: ShadowPage, invalid_list: list[ShadowPage]) -> int:
-        if self.layout.get(parent.role, "level") == 1:
+        if parent.level == 1:
             return 0
         zapped = 0
         while pages := self.mmu_unsync_walk(parent):
