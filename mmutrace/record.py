@@ -336,7 +336,7 @@ def _record_bcc(opts: RecordOptions, command: list[str] | None, status: bool) ->
     meta["event_inputs"] = {e: list(schema.event_kind(e).inputs) for e in opts.events}
     child = None
     try:
-        with stop_on_sigterm(), Spool(opts.output, meta, force=opts.force) as spool:
+        with stop_on_sigterm(), Spool(opts.output, meta, force=opts.force, lost=probes.lost) as spool:
 
             def step() -> None:
                 if not spool.take(ring):

@@ -13,7 +13,8 @@ finalizes the file once the recorder says the recording ended.
 Crash safety: Ctrl-C and SIGTERM reach the recorder only (the converter runs in its own session and
 ignores them); the recorder drains the ring, hands over the last chunk and waits for the converter
 to finalize the file.  A SIGKILLed recorder takes the converter with it (``PR_SET_PDEATHSIG``): the
-segments written so far are what ``mmutrace repair`` recovers; chunks not yet converted are lost.
+segments written so far and the chunks not yet converted are what ``mmutrace repair`` recovers
+(``repair`` below); only rows the converter held in memory are lost.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from mmutrace import schema, storage
 from mmutrace.errors import HostError
@@ -49,14 +51,53 @@ QUIET_RATE = 50_000
 RATE_WINDOW_S = 0.1
 MAX_BACKLOG_RECORDS = 1 << 21
 LAYOUT_NAME = "spool.json"
+#: The per-CPU loss counters as of the last closed chunk: what a repaired recording reports as lost.
+LOST_NAME = "lost.json"
 _PR_SET_PDEATHSIG = 1
 
 
-def spool_layout() -> dict[str, Any]:
-    """What ``spool.json`` says: the chunks' record layout, for anything reading them."""
+def spool_layout(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``spool.json`` says: the chunks' record layout, and the recording's metadata so that
+    ``repair`` can turn chunks into a trace even when the converter never wrote a segment."""
     return {"chunks": "spool-*.bin", "record_size": RING_DTYPE.itemsize, "dtype": RING_DTYPE.descr,
             "header": "struct bpf_ringbuf_hdr: len (bit 31 busy, bit 30 discard), pg_off",
-            "events": [e.name for e in schema.EVENTS]}
+            "events": [e.name for e in schema.EVENTS], "metadata": dict(metadata)}
+
+
+def repair(path: str | os.PathLike[str]) -> Path:
+    """``storage.repair`` for a recording whose recorder was killed with chunks still spooled.
+
+    Each leftover chunk (its whole records; the one being written may end mid-record) becomes one
+    more segment, minus rows a segment already holds (the converter may have been mid-chunk), so a
+    SIGKILL loses only what the converter held in memory, not the spool.
+    """
+    given = Path(path)
+    partial = given if given.is_dir() else storage.partial_dir(given)
+    chunks = sorted(partial.glob("spool-*.bin")) if partial.is_dir() else []
+    if chunks:
+        metadata = json.loads((partial / LAYOUT_NAME).read_text())["metadata"]
+        flushed = _flushed_keys(partial)
+        for chunk in chunks:
+            raw = np.fromfile(chunk, np.uint8)
+            records = kept_records(raw[: len(raw) - len(raw) % RING_DTYPE.itemsize].view(RING_DTYPE))
+            keys = records["cpu"].astype(np.uint64) << np.uint64(32) | records["seq"].astype(np.uint64)
+            storage.append_segment(partial, decode(records[~np.isin(keys, flushed)]), metadata, CHUNK_RECORDS)
+            chunk.unlink()
+    lost_file = partial / LOST_NAME
+    if not lost_file.exists():
+        return storage.repair(given)
+    lost = json.loads(lost_file.read_text())
+    return storage.repair(given, {"lost": lost, "lost_total": sum(lost.values())},
+                          "loss counted up to the last spooled chunk")
+
+
+def _flushed_keys(partial: Path) -> np.ndarray:
+    """(cpu << 32 | seq) of every row already in a segment: a recording's unique row key."""
+    keys = [np.zeros(0, np.uint64)]
+    for segment in partial.glob("seg-*.parquet"):
+        table = pq.read_table(segment, columns=["cpu", "seq"])
+        keys.append(table["cpu"].to_numpy().astype(np.uint64) << np.uint64(32) | table["seq"].to_numpy().astype(np.uint64))
+    return np.concatenate(keys)
 
 
 @contextlib.contextmanager
@@ -77,8 +118,10 @@ class Spool:
     normally or by KeyboardInterrupt/SystemExit the file is ``complete``, otherwise it is not.
     """
 
-    def __init__(self, output: Path, metadata: Mapping[str, Any], force: bool) -> None:
+    def __init__(self, output: Path, metadata: Mapping[str, Any], force: bool,
+                 lost: Callable[[], Mapping[str, int]]) -> None:
         self.partial = storage.partial_dir(output)
+        self._lost = lost  # the probes' per-CPU loss counters, saved with every chunk for repair
         self.records = 0  # spooled so far
         self.convert_cpu_s = 0.0
         self._fd: int | None = None
@@ -97,7 +140,7 @@ class Spool:
             if self._proc.stdout.readline().strip() != "ready":
                 self._done = True
                 raise HostError(f"the spool converter did not start (status {self._proc.wait()})")
-        (self.partial / LAYOUT_NAME).write_text(json.dumps(spool_layout()))
+        (self.partial / LAYOUT_NAME).write_text(json.dumps(spool_layout(metadata)))
 
     @property
     def bytes(self) -> int:
@@ -142,6 +185,9 @@ class Spool:
         """Close the current chunk and queue it for the converter."""
         assert self._fd is not None
         os.close(self._fd)
+        lost = self.partial / LOST_NAME
+        lost.with_suffix(".tmp").write_text(json.dumps(dict(self._lost())))
+        lost.with_suffix(".tmp").replace(lost)
         self._ready.append(f"spool-{self._chunks:06d}.bin")
         self._fd, self._chunks, self._chunk_records = None, self._chunks + 1, 0
 

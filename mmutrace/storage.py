@@ -379,6 +379,36 @@ def _merge_segments(segments: list[_Segment]) -> Iterator[pa.Table]:
             yield pa.concat_tables(heads).sort_by(_SORT_KEYS)
 
 
+def _unfinished_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The metadata a recording's segments carry until it is finalized."""
+    return {**json.loads(_metadata_bytes(metadata)), "schema_version": schema.SCHEMA_VERSION, "complete": False}
+
+
+def _write_segment_file(segment: _Segment, table: pa.Table, metadata: Mapping[str, Any]) -> None:
+    """One sorted row group as a complete Parquet file, renamed into place once whole."""
+    tmp = segment.path.with_suffix(".tmp")
+    kv = {schema.METADATA_KEY: _metadata_bytes(metadata), _SEGMENT_KEY: segment.info()}
+    with _parquet_writer(tmp, kv) as writer:
+        writer.write_table(table, row_group_size=table.num_rows)
+    os.replace(tmp, segment.path)
+
+
+def append_segment(partial: Path, table: pa.Table | Mapping[str, Any], metadata: Mapping[str, Any], row_group_rows: int) -> None:
+    """Add ``table`` (rows in any order) to an unfinished recording as one more sorted segment.
+
+    For rows that reached disk outside a TraceWriter (the bcc recorder's raw spool): once they are
+    segments, ``repair`` merges them with the rest in key order like any late rows.
+    """
+    table = to_table(table)
+    if not table.num_rows:
+        return
+    table = _sorted(table)
+    index = max((int(p.stem.split("-")[1]) + 1 for p in partial.glob(_SEGMENT_GLOB)), default=0)
+    segment = _Segment(partial / f"seg-{index:06d}.parquet", _key_at(table, 0), _key_at(table, table.num_rows - 1),
+                       table.num_rows, row_group_rows)
+    _write_segment_file(segment, table, _unfinished_metadata(metadata))
+
+
 def _write_merged(segments: list[_Segment], path: Path, metadata: Mapping[str, Any], row_group_rows: int) -> None:
     """Merge ``segments`` into ``path`` in row groups of ``row_group_rows``.
 
@@ -428,9 +458,7 @@ class TraceWriter:
         reorder_window_ns: int = 200_000_000,
         flush_interval_s: float = 1.0,
     ) -> None:
-        self._metadata: dict[str, Any] = {
-            **json.loads(_metadata_bytes(metadata)), "schema_version": schema.SCHEMA_VERSION, "complete": False
-        }
+        self._metadata = _unfinished_metadata(metadata)
         self.path = check_output(path, force)
         self._partial = partial_dir(self.path)
         if force:
@@ -523,11 +551,7 @@ class TraceWriter:
         segment = _Segment(
             self._partial / f"seg-{len(self._segments):06d}.parquet", first, last, table.num_rows, self._row_group_rows
         )
-        tmp = segment.path.with_suffix(".tmp")
-        kv = {schema.METADATA_KEY: _metadata_bytes(self._metadata), _SEGMENT_KEY: segment.info()}
-        with _parquet_writer(tmp, kv) as writer:
-            writer.write_table(table, row_group_size=table.num_rows)
-        os.replace(tmp, segment.path)
+        _write_segment_file(segment, table, self._metadata)
         self._segments.append(segment)
         self.bytes_written += segment.path.stat().st_size
 
@@ -697,8 +721,12 @@ def open_trace(path: str | os.PathLike[str]) -> TraceReader:
 # --------------------------------------------------------------------------------------------
 
 
-def repair(partial_path: str | os.PathLike[str]) -> Path:
+def repair(partial_path: str | os.PathLike[str], metadata_updates: Mapping[str, Any] | None = None,
+           note_extra: str | None = None) -> Path:
     """Merge what a killed writer flushed into a valid trace; returns its path.
+
+    ``metadata_updates`` are facts the producer saved beside the segments (e.g. the recorder's loss
+    counters), merged into the recovered metadata; ``note_extra`` is added to the repair note.
 
     ``partial_path`` is the trace path or its ``.NAME.parquet.partial`` directory.  The result is
     ``complete: false`` unless the writer had already flushed everything and died in the merge at
@@ -741,6 +769,9 @@ def repair(partial_path: str | os.PathLike[str]) -> Path:
         metadata["complete"] = False
         metadata.setdefault("stop_reason", "killed")
         note = "recovered the segments a killed writer had flushed; later events are lost"
+    metadata.update(metadata_updates or {})
+    if note_extra:
+        note = f"{note}; {note_extra}"
     metadata["repair"] = {"segments": len(segments), "rows": sum(s.rows for s in segments), "skipped": skipped, "note": note}
     _write_merged(segments, final, metadata, segments[-1].row_group_rows)
     shutil.rmtree(partial)

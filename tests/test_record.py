@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmutrace import ftrace_text, hostinfo, schema, storage, tracefs
+from mmutrace import ftrace_text, hostinfo, schema, spool, storage, tracefs
 from mmutrace.errors import HostError
+from mmutrace.ringbuf import RING_DTYPE, kept_records
 from probes import btf
 from mmutrace.record import Backend, RecordOptions, RecordResult, ScenarioSpec, is_kvm_process, record
 from mmutrace.scenarios import SCENARIOS
@@ -250,12 +251,21 @@ def test_killed_recording_is_repaired_up_to_its_last_flush(tmp_path: Path) -> No
     proc.kill()
     proc.wait()
     os.killpg(command, signal.SIGKILL)  # the traced command outlives its recorder: end it
-    segments = storage.partial_dir(out)
-    flushed = sum(pq.read_table(p).num_rows for p in sorted(segments.glob("seg-*.parquet")))
-    repaired = storage.repair(out)
+    partial = storage.partial_dir(out)
+    # What reached disk: the converter's segments and the raw chunks it had not converted yet
+    # (whole records only: the chunk being written may end mid-record), each row once.
+    flushed = {(c, s) for p in partial.glob("seg-*.parquet")
+               for c, s in zip(*pq.read_table(p, columns=["cpu", "seq"]).to_pydict().values())}
+    for chunk in partial.glob("spool-*.bin"):
+        raw = np.fromfile(chunk, np.uint8)
+        records = kept_records(raw[: len(raw) - len(raw) % RING_DTYPE.itemsize].view(RING_DTYPE))
+        flushed |= set(zip(records["cpu"].tolist(), records["seq"].tolist()))
+    repaired = spool.repair(out)
     trace = storage.open_trace(repaired)
-    assert trace.metadata["complete"] is False
-    assert trace.num_rows == flushed > 0
+    assert trace.metadata["complete"] is False and trace.metadata["stop_reason"] == "killed"
+    assert trace.num_rows == len(flushed) > 0
+    keys = trace.read(columns=["cpu", "seq"]).to_pydict()
+    assert set(zip(keys["cpu"], keys["seq"])) == flushed
 
 
 @pytest.mark.bcc

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from mmutrace import storage
+from mmutrace import spool, storage
 
 
 def register(app: typer.Typer) -> None:
@@ -18,8 +18,8 @@ def register(app: typer.Typer) -> None:
     def repair(
         path: Path = typer.Argument(..., help="The unfinished trace (or its .NAME.parquet.partial directory)."),
     ) -> None:
-        """Merge an interrupted recording's flushed segments into a valid (incomplete) trace."""
-        final = storage.repair(path)
+        """Merge an interrupted recording's flushed segments and spool into a valid (incomplete) trace."""
+        final = spool.repair(path)
         reader = storage.open_trace(final)
         note = reader.metadata.get("repair")
         if note is None:
