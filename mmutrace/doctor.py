@@ -179,9 +179,19 @@ def check_kernel() -> Check:
     return Check("kernel", Status.OK, hostinfo.kernel_release(), required=False)
 
 
+def check_lab() -> Iterator[Check]:
+    """The nested lab's readiness (`mmutrace lab setup` installs it); optional: recording on this
+    host does not need it, only TDP-MMU and upstream-shadow traces from `mmutrace lab run` do."""
+    from mmutrace.lab.setup import lab_status
+
+    for name, ok, fix in lab_status():
+        yield Check(f"lab: {name}", Status.OK if ok else Status.WARNING, "present" if ok else "missing",
+                    fix, required=False)
+
+
 CHECKS: tuple[Callable[[], Check | Iterator[Check]], ...] = (
     check_root, check_dev_kvm, check_kernel, check_vendor_module, check_params, check_tracefs, check_events,
-    check_btf, check_headers, check_bcc,
+    check_btf, check_headers, check_bcc, check_lab,
 )
 
 

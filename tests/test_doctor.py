@@ -123,3 +123,12 @@ def test_doctor_as_an_unprivileged_user_says_what_is_missing() -> None:
     status = {c["name"]: c["status"] for c in json.loads(proc.stdout)["checks"]}
     assert status["root"] == "missing" and status["tracefs"] == "missing"
     assert status["bcc compiles and loads"] == "missing"
+
+
+def test_lab_readiness_rows_follow_lab_status(report: dict) -> None:
+    """The lab's rows are lab_status() itself, optional: a host without the lab can still record."""
+    from mmutrace.lab.setup import lab_status
+
+    rows = [c for c in report["checks"] if c["name"].startswith("lab: ")]
+    assert [(r["name"][len("lab: "):], r["status"] == "ok") for r in rows] == [(n, ok) for n, ok, _ in lab_status()]
+    assert not any(r["required"] for r in rows)
