@@ -51,14 +51,15 @@ def _arrow_job(path: str) -> tuple[int, dict[str, Any]]:
 
 
 def _read_job(path: str) -> tuple[int, dict[str, Any]]:
-    """Read and convert to Python values every column replay reads (its own floor), nothing else."""
-    from replay.engine import open_for_replay
+    """Read and convert to Python values every column replay reads (its own floor), nothing else,
+    the way replay converts them."""
+    from replay.engine import _to_pylist, open_for_replay
 
     _, batches = open_for_replay(path)
     events = 0
     for batch in batches():
         for column in batch.columns:
-            column.to_pylist()
+            _to_pylist(column)
         events += batch.num_rows
     return events, {}
 
