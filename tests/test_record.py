@@ -247,7 +247,9 @@ def test_signal_mid_run_leaves_a_complete_file(tmp_path: Path, signum: int) -> N
 def test_killed_recording_is_repaired_up_to_its_last_flush(tmp_path: Path) -> None:
     out = tmp_path / "killed.parquet"
     proc = _start(out)
-    command = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+    # The recorder's children are the spool converter and the traced command (its own session).
+    children = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    command = next(c for c in children if Path(f"/proc/{c}/cmdline").read_bytes().startswith(b"sh\0"))
     proc.kill()
     proc.wait()
     os.killpg(command, signal.SIGKILL)  # the traced command outlives its recorder: end it
