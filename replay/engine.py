@@ -32,6 +32,7 @@ from mmutrace.errors import MmutraceError, TraceFileError
 from replay.decisions import COMPARED, DECISION_EVENTS, IDENTITY, KIND, Decision, Tracepoints
 from replay.mmu import KVM_REFILL_PAGES, FaultIn, FaultInResult, KvmArch, KvmMmu, KvmPageFault, VcpuMmu
 from replay.paging_tmpl import PTTYPE_64, GuestWalker, walk_addr_generic
+from replay.role import known_role_mask
 from replay.shadow_mmu import R_PARAMS, R_PREFETCH, R_QUOTA, UNKNOWN_SPTE, ShadowMmu, ShadowPage
 from replay.spte import PT_WRITABLE_MASK
 from replay.tdp_replay import TdpReplay, wrong_model_error
@@ -743,20 +744,6 @@ def _jsonable(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def role_known_mask(meta: dict[str, Any], rules: VersionRules) -> int:
-    """Bits of the role word the trace really carries (imported text lacks the hidden ones)."""
-    if "role_known_mask" in meta:
-        return int(meta["role_known_mask"])
-    if meta.get("recorder") in ("tracefs", "import"):
-        layout = rules.role_layout
-        mask = 0
-        for name in ("level", "has_4_byte_gpte", "quadrant", "direct", "access", "invalid", "efer_nx", "ad_disabled"):
-            shift, width = layout.fields[name]
-            mask |= ((1 << width) - 1) << shift
-        return mask
-    return 0xFFFFFFFF
-
-
 def replay_trace(path: str | Path, split: str | Split | None = None, allow_lost: bool = False,
                  assume_version: str | None = None, max_divergences: int | None = None,
                  shadow_factory: Callable[[KvmArch, dict[int, VcpuMmu]], ShadowMmu] = ShadowMmu,
@@ -776,7 +763,7 @@ def replay_trace(path: str | Path, split: str | Split | None = None, allow_lost:
                              f"(their decisions become undecidable)")
     result = ReplayResult(meta.get("kernel_release"), rules, chosen, max_divergences=max_divergences,
                           _model_rows=[] if keep_model_events else None)
-    mask = role_known_mask(meta, rules)
+    mask = known_role_mask(meta)
     vms: dict[int, VmReplay] = {}
     for batch in batches():
         result.events += batch.num_rows
