@@ -110,15 +110,37 @@ def _reachable_by_others(path: Path) -> bool:
     return all(os.stat(d).st_mode & 0o005 == 0o005 for d in dirs)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
-def test_doctor_as_an_unprivileged_user_says_what_is_missing() -> None:
+def _run_unprivileged(code: str, *args: str, path_prefix: Path | None = None) -> subprocess.CompletedProcess:
+    """Run Python ``code`` as nobody (uid 65534), optionally with ``path_prefix`` first on PATH."""
     import mmutrace
 
     for path in (Path(mmutrace.__file__).parent, Path(sys.executable)):
         if not _reachable_by_others(path):
             pytest.skip(f"{path} is not readable by an unprivileged user")
-    proc = subprocess.run([sys.executable, "-c", "from mmutrace.cli import main; main()", "doctor", "--json"],
-                          capture_output=True, text=True, timeout=300, user=65534, cwd="/")
+    env = dict(os.environ)
+    if path_prefix is not None:
+        env["PATH"] = f"{path_prefix}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          user=65534, cwd="/", env=env)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_vng_lookup_skips_path_entries_the_user_cannot_search(tmp_path: Path) -> None:
+    """CI's PATH has /root/.pyenv/bin: for nobody, stat() there raises EACCES, which must read as
+    "no vng here" (it ended doctor in a traceback once)."""
+    private = tmp_path / "private"
+    (private / "bin").mkdir(parents=True)
+    private.chmod(0o700)
+    code = ("from pathlib import Path; import mmutrace.lab.setup as s; "
+            "s.venv_bin = lambda: Path('/nonexistent'); print(s.vng_path())")
+    proc = _run_unprivileged(code, path_prefix=private / "bin")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.strip() in ("None", *(str(Path(d) / "vng") for d in os.environ.get("PATH", "").split(os.pathsep)))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_doctor_as_an_unprivileged_user_says_what_is_missing() -> None:
+    proc = _run_unprivileged("from mmutrace.cli import main; main()", "doctor", "--json")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     status = {c["name"]: c["status"] for c in json.loads(proc.stdout)["checks"]}
     assert status["root"] == "missing" and status["tracefs"] == "missing"

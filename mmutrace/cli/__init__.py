@@ -50,6 +50,9 @@ def main() -> None:
         app()
     except MmutraceError as exc:
         fail(str(exc), exc.exit_code)
+    except PermissionError as exc:
+        # Any check that was not written with a given permission in mind still ends in one line.
+        fail(f"permission denied: {exc.filename or exc} (most commands need root)")
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except BrokenPipeError:

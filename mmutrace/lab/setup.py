@@ -28,10 +28,19 @@ def venv_bin() -> Path:
     return Path(sys.prefix) / "bin"
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists() that treats an unreadable directory as absent (doctor runs as any user, and a PATH
+    can name directories such as /root/.pyenv/bin that an unprivileged user may not search)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def vng_path() -> Path | None:
     """`vng`, if virtme-ng is installed with its `virtme-run` beside it (vng execs virtme-run by name)."""
     for directory in [venv_bin(), *map(Path, os.environ.get("PATH", "").split(os.pathsep))]:
-        if (directory / "vng").exists() and (directory / "virtme-run").exists():
+        if _exists(directory / "vng") and _exists(directory / "virtme-run"):
             return directory / "vng"
     return None
 
