@@ -33,7 +33,7 @@ from replay.decisions import COMPARED, DECISION_EVENTS, IDENTITY, KIND, Decision
 from replay.mmu import KVM_REFILL_PAGES, FaultIn, FaultInResult, KvmArch, KvmMmu, KvmPageFault, VcpuMmu
 from replay.paging_tmpl import PTTYPE_64, GuestWalker, walk_addr_generic
 from replay.role import known_role_mask
-from replay.shadow_mmu import R_PARAMS, R_PREFETCH, R_QUOTA, UNKNOWN_SPTE, ShadowMmu, ShadowPage
+from replay.shadow_mmu import R_PARAMS, R_QUOTA, UNKNOWN_SPTE, ShadowMmu, ShadowPage
 from replay.spte import PT_WRITABLE_MASK
 from replay.tdp_replay import TdpReplay, wrong_model_error
 from replay.versions import Split, VersionRules, rules_for_release
@@ -243,7 +243,8 @@ class Thread:
     #: Predictions of this episode already judged extra (a later recorded twin is then "missing").
     extras: list = field(default_factory=list)
     context: str | None = None  # why unexplained decisions on this thread are undecidable
-    prefetch_sp: ShadowPage | None = None
+    #: The page the last fault's prefetch may have filled beyond the model's prediction, and why.
+    prefetch: tuple[ShadowPage, str] | None = None
     reclaimed_unknown_quota: bool = False
     #: Set by a write-protected fault until the thread's next exit: emulator zaps are undecidable.
     emulating: str | None = None
@@ -277,6 +278,8 @@ class VmReplay:
         self.param_kinds = frozenset().union(*(PARAM_EFFECTS.get(p, frozenset()) for p in params))
         #: Why the last stale_since() could not decide.
         self.stale_reason: str | None = None
+        #: tid -> when it last started an invalidation that hit a memslot (or an unknown layout).
+        self.invalidations: dict[int, int] = {}
 
     # ---- threads and vCPUs
 
@@ -349,6 +352,9 @@ class VmReplay:
             None if vcpu.root is not None or vcpu.root_gfn is not None else R_ROOT)
         for event, gpa in w.ad_writes:
             t.pending.append(Decision(event, {"addr": gpa}, "FNAME(update_accessed_dirty_bits)", reason))
+        if not w.truncated and len(walk.ptes) == w.max_level:
+            # The walk read the leaf table: the gpte, with the A/D bits it set when it succeeded.
+            self.shadow.learn_gpte(w.pte_gpa[0], w.ptes[0] if w.fault_error_code is None else walk.ptes[-1])
         if w.fault_error_code is not None:
             t.pending.append(Decision("kvm_mmu_walker_error", {"error_code": w.fault_error_code},
                                       "FNAME(walk_addr_generic)", reason))
@@ -358,6 +364,7 @@ class VmReplay:
                 # RET_PF_WRITE_PROTECTED before mmu_lock: the instruction is emulated next, and what
                 # the emulator writes (and so zaps) is not in the trace.
                 t.emulating = R_EMULATION
+                self.arch.guest.forget_gptes()
 
     def start_fault(self, t: Thread, row: dict[str, Any]) -> None:
         """The walk was a fault's: run kvm_mmu_page_fault up to its first wait for inputs."""
@@ -391,8 +398,9 @@ class VmReplay:
         t.fault_waiting = None
         if ret == "write_protected":
             t.context = R_EMULATION
+            self.arch.guest.forget_gptes()
         if self.shadow.pte_prefetch_window is not None:
-            t.prefetch_sp = self.shadow.pte_prefetch_window
+            t.prefetch = self.shadow.pte_prefetch_window
             self.shadow.pte_prefetch_window = None
 
     def take_predictions(self, t: Thread) -> None:
@@ -475,6 +483,7 @@ class VmReplay:
             self.flush_pending(t, row, before="kvm_mmu_spte_requested")
             inputs = FaultInResult(pfn=row["pfn"], map_writable=row.get("map_writable"),
                                    req_level=row.get("req_level"), recorded_level=row["level"])
+            self.arch.mmu_invalidate_in_progress = self.invalidate_in_progress()
             t.fault = self._prime(t.fault, t, inputs)
         if not t.pending and t.vcpu is not None and t.vcpu.needs_load and t.fault is None:
             self.mmu.kvm_mmu_reload(t.vcpu)
@@ -500,20 +509,46 @@ class VmReplay:
         t.fault_started = False
         t.fault_reason = None
         t.context = None
-        t.prefetch_sp = None
+        t.prefetch = None
         t.reclaimed_unknown_quota = False
 
     # ---- host and ioctl inputs
 
     def unmap(self, row: dict[str, Any]) -> None:
-        """kvm_unmap_hva_range: notifier leaf zaps; whether it hit a memslot decides stale faults."""
+        """kvm_unmap_hva_range: notifier leaf zaps; whether it hit a memslot decides stale faults.
+        The host pages (and guest tables) of the range are no longer known."""
         hit = self.mmu.kvm_mmu_notifier_invalidate_range_start(row["addr"], row["end"]) \
             if self.arch.memslots_known else None
         self.unmaps.append((row["ts_ns"], hit))
+        self.arch.guest.kvm_unmap_hva_range(row["addr"], row["end"])
+        if hit is None:
+            self.arch.guest.forget_gptes()
+        for first, end in hit or ():
+            self.arch.guest.forget_gptes(first, end - 1)
+        if hit is None or hit:
+            self.invalidations[row["tid"]] = row["ts_ns"]
+
+    def invalidate_in_progress(self) -> bool | None:
+        """kvm->mmu_invalidate_in_progress, for a fault in its mmu_lock section now: an invalidation
+        ends before its thread does anything else, so it is over once that thread shows up again
+        (False); one whose thread has not been seen since may still run (None: undecidable)."""
+        for tid, ts in list(self.invalidations.items()):
+            if self.threads[tid].last_ts > ts:
+                del self.invalidations[tid]
+        return None if self.invalidations else False
+
+    def forget_memslot_gptes(self, slot_id: int, base_gfn: int, npages: int) -> None:
+        """A memslot change gives the gpas of the old and the new range other contents."""
+        old = self.arch.memslots.get(slot_id)
+        if old is not None:
+            self.arch.guest.forget_gptes(old.base_gfn, old.base_gfn + old.npages - 1)
+        if npages:
+            self.arch.guest.forget_gptes(base_gfn, base_gfn + npages - 1)
 
     def ioctl(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
         self.end_episode(t, row)
         if ev == "ioctl_set_user_memory_region":
+            self.forget_memslot_gptes(row["slot_id"], row["slot_base_gfn"], row["slot_npages"])
             self.mmu.kvm_set_memory_region(row["slot_id"], row["slot_base_gfn"], row["slot_npages"],
                                            row["slot_hva"], row["slot_flags"] or 0)
         elif ev == "ioctl_set_nr_mmu_pages":
@@ -636,10 +671,10 @@ class VmReplay:
             return R_PARAMS
         if ev == "kvm_tdp_mmu_spte_changed":
             return R_TDP
-        if ev == "kvm_mmu_set_spte" and t.prefetch_sp is not None:
-            sp = t.prefetch_sp
+        if ev == "kvm_mmu_set_spte" and t.prefetch is not None:
+            sp, reason = t.prefetch
             if sp.spt_page is None or sp.spt_page == row["sptep"] & ~0xFFF:
-                return R_PREFETCH
+                return reason
         if t.context is not None:
             return t.context
         if t.emulating is not None:

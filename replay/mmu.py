@@ -15,6 +15,7 @@ from typing import Any
 
 from mmutrace.errors import MmutraceError
 from replay.decisions import Decision, Tracepoints
+from replay.guest_memory import GuestMemory
 from replay.paging_tmpl import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK,
                                 PFERR_WRITE_MASK, CpuRole, GuestWalker)
 from replay.shadow_mmu_api import ShadowMmuApi
@@ -196,12 +197,24 @@ class KvmArch:
     now_ns: int = 0
     #: pfn of the host's shared zero page (trace metadata ``zero_pfn``), None when not recorded.
     zero_pfn: int | None = None
+    #: The guest PTEs and host pages the trace revealed (PTE prefetch reads them).
+    guest: GuestMemory = field(default_factory=GuestMemory)
+    #: kvm->mmu_invalidate_in_progress at the fault's mmu_lock section: None when the trace cannot
+    #: tell (an invalidation started and its thread has not been seen since; only starts are traced).
+    mmu_invalidate_in_progress: bool | None = False
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
         for slot in self.memslots.values():
             if slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
                 return slot
         return None
+
+    def gfn_to_memslot_dirty_bitmap(self, gfn: int, no_dirty_log: bool) -> Memslot | None:
+        """The gfn's slot, or None when there is none or a write would have to be dirty-logged."""
+        slot = self.gfn_to_memslot(gfn)
+        if slot is None or (no_dirty_log and slot.flags & KVM_MEM_LOG_DIRTY_PAGES):
+            return None
+        return slot
 
     def non_default_params(self) -> dict[str, str]:
         """Non-upstream kvm parameters set to something other than their upstream behaviour."""

@@ -69,7 +69,7 @@ class GuestWalker:
     """
 
     __slots__ = ("level", "max_level", "gfn", "pte_access", "table_gfn", "ptes", "pt_access", "pte_gpa",
-                 "ad_writes", "fault_error_code", "truncated")
+                 "ad_writes", "fault_error_code", "truncated", "prefetch_ptes")
 
     def __init__(self, level: int = 0, max_level: int = 0) -> None:
         self.level = level
@@ -86,6 +86,8 @@ class GuestWalker:
         self.fault_error_code: int | None = None
         #: The trace held fewer PTEs than the walk reads (e.g. a lost event): the walk is undecidable.
         self.truncated = False
+        #: The 8-aligned group of leaf gptes FNAME(fetch) reads for FNAME(pte_prefetch) (None: unknown).
+        self.prefetch_ptes: list[int | None] = []
 
 
 def gpte_to_gfn_lvl(pt: PtType, gpte: int, level: int) -> int:
@@ -216,7 +218,7 @@ def walk_addr_generic(pt: PtType, role: CpuRole, root_gfn: int, addr: int, acces
         return _error(w, role, PFERR_PRESENT_MASK, write_fault, user_fault, fetch_fault)
     w.gfn = gpte_to_gfn_lvl(pt, pte, level) + ((addr & ((1 << (PAGE_SHIFT + (level - 1) * pt.index_bits)) - 1)) >> PAGE_SHIFT)
     if not write_fault:
-        protect_clean_gpte(pt, w, pte)
+        w.pte_access = protect_clean_gpte(pt, w.pte_access, pte)
     else:
         accessed_dirty &= pte >> 1  # fold D (bit 6) onto A (bit 5)
     if not accessed_dirty:
@@ -224,10 +226,21 @@ def walk_addr_generic(pt: PtType, role: CpuRole, root_gfn: int, addr: int, acces
     return w
 
 
-def protect_clean_gpte(pt: PtType, w: GuestWalker, gpte: int) -> None:
+def protect_clean_gpte(pt: PtType, access: int, gpte: int) -> int:
     """FNAME(protect_clean_gpte): map a clean guest page read-only so the first write sets D."""
     if not gpte & pt.dirty_mask:
-        w.pte_access &= ~ACC_WRITE_MASK
+        access &= ~ACC_WRITE_MASK
+    return access
+
+
+def prefetch_invalid_gpte(pt: PtType, role: CpuRole, gpte: int) -> bool:
+    """FNAME(prefetch_invalid_gpte): only present, accessed leaf gptes without reserved bits are
+    prefetched (PT_HAVE_ACCESSED_DIRTY is true for PTTYPE 64)."""
+    if not gpte & pt.present_mask:
+        return True
+    if not gpte & pt.accessed_mask:
+        return True
+    return is_rsvd_bits_set(rsvds_bits_mask(pt, role), pt, gpte, 1)
 
 
 def update_accessed_dirty_bits(pt: PtType, w: GuestWalker, write_fault: bool) -> None:

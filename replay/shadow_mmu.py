@@ -17,9 +17,11 @@ from typing import Any
 from replay.decisions import Decision
 from replay.mmu import (KVM_MIN_FREE_MMU_PAGES, KVM_REFILL_PAGES, FaultIn, KvmArch, KvmPageFault, Memslot,
                         VcpuMmu)
-from replay.paging_tmpl import GuestWalker
+from replay.paging_tmpl import (PTTYPE_64, GuestWalker, gpte_access, gpte_to_gfn_lvl, prefetch_invalid_gpte,
+                                 protect_clean_gpte)
 from replay.role import ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK, kvm_mmu_child_role
-from replay.spte import NON_EPT, SpteFlavor, make_spte, spte_to_pfn, spte_write_protect
+from replay.spte import (NON_EPT, PT_WRITABLE_MASK, SpteFlavor, is_shadow_present_pte, make_spte, spte_to_pfn,
+                         spte_write_protect)
 
 #: An SPTE whose value the model lost (changed by an untraced path); see docs/undecidable.md.
 UNKNOWN_SPTE = -1
@@ -31,6 +33,9 @@ R_HOST_LEVEL = "host mapping level untraced (huge guest page)"
 R_QUOTA = "quota untraced (no memslot or KVM_SET_NR_MMU_PAGES input)"
 R_OLD_SPTE = "SPTE changed by an untraced path"
 R_PREFETCH = "prefetched SPTE: neighbouring gptes and pfns untraced"
+R_PREFETCH_GPTE = "prefetched SPTE: neighbouring gpte unknown (not walked since its table was guest-writable)"
+R_PREFETCH_PFN = "prefetched SPTE: neighbour's host page unknown (not faulted in since its last unmap)"
+R_PREFETCH_INVALIDATION = "prefetched SPTE: an mmu_notifier invalidation may be in progress"
 R_PARAMS = "non-default non-upstream kvm parameter"
 
 
@@ -93,8 +98,12 @@ class ShadowMmu:
         self.by_spt_page: dict[int, ShadowPage] = {}
         #: Reason the model cannot decide, while set (every decision emitted then is undecidable).
         self.undecidable: str | None = None
-        #: The level-1 page FNAME(pte_prefetch) may fill after the last fault (its inputs are untraced).
-        self.pte_prefetch_window: ShadowPage | None = None
+        #: The level-1 page FNAME(pte_prefetch) may fill after the last fault beyond what the model
+        #: predicted, and why the model stopped (an input the trace does not tell).
+        self.pte_prefetch_window: tuple[ShadowPage, str] | None = None
+        #: False once the model lost an SPTE (kvm_sync_page): it may map any gfn writable, so no
+        #: guest table is known to be unwritten since (learn_gpte).
+        self.gptes_trusted = True
 
     def kvm_shadow_mmu_uninit_vm(self) -> None:
         self.kvm_shadow_mmu_init_vm()
@@ -350,6 +359,8 @@ class ShadowMmu:
 
     def kvm_sync_page(self, vcpu: VcpuMmu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> int:
         """Re-read the page's gptes (not traced): its present SPTEs become unknown to the model."""
+        if sp.sptes:
+            self.distrust_gptes()
         for index, spte in sp.sptes.items():
             if spte != UNKNOWN_SPTE:
                 sp.sptes[index] = UNKNOWN_SPTE
@@ -435,6 +446,7 @@ class ShadowMmu:
         else:
             sp.sptes[index] = spte
             sp.spte_ts[index] = self.arch.now_ns
+            self.guest_may_write(sp.level, gfn, spte)
             self.trace_kvm_mmu_set_spte(sp, index, gfn, unknown)
         if wrprot and write_fault:
             ret = "write_protected"
@@ -475,7 +487,7 @@ class ShadowMmu:
     def fetch(self, vcpu: VcpuMmu, fault: KvmPageFault, gw: GuestWalker,
               pte_access: int) -> Generator[FaultIn, Any, str]:
         """FNAME(fetch): indirect shadow pages down to the guest leaf level, spte_requested, direct
-        pages down to goal_level, mmu_set_spte; prefetch of neighbours follows (untraced inputs)."""
+        pages down to goal_level, mmu_set_spte, then FNAME(pte_prefetch) of the neighbours."""
         sp = vcpu.root
         level = sp.level
         addr = fault.addr
@@ -493,6 +505,7 @@ class ShadowMmu:
                 self.link_shadow_page(sp, index, child)
             else:
                 child = sp.children[index]
+            self.gpte_changed(gw, level - 1)
             if fault.write and table_gfn == fault.gfn:
                 fault.write_fault_to_shadow_pgtable = True
             sp, level = child, level - 1
@@ -510,6 +523,8 @@ class ShadowMmu:
             fault.map_writable = fault.write or (self.arch.zero_pfn is not None and fault.pfn != self.arch.zero_pfn)
             if not fault.write and self.arch.zero_pfn is None:
                 fault.unknown["map_writable"] = R_MAP_WRITABLE
+        if fault.slot is not None and fault.map_writable and "map_writable" not in fault.unknown:
+            self.arch.guest.learn_pfn(fault.slot, fault.gfn, fault.pfn)
         self.kvm_mmu_hugepage_adjust(vcpu, fault, fault_in)
         self._emit("kvm_mmu_spte_requested", {"gfn": fault.gfn, "level": fault.goal_level},
                    "kvm_mmu_hugepage_adjust", undecidable=fault.unknown.get("goal_level"))
@@ -528,9 +543,153 @@ class ShadowMmu:
             sp, level = child, level - 1
 
         ret = self.mmu_set_spte(vcpu, sp, index, pte_access, base_gfn, fault.pfn, fault)
-        if ret != "spurious" and level == 1:
-            self.pte_prefetch_window = sp
+        if ret != "spurious":
+            self.pte_prefetch(vcpu, gw, sp, index)
         return ret
+
+    # ------------------------------------------------------------------ prefetch (inputs: replay.guest_memory)
+
+    def gpte_changed(self, gw: GuestWalker, level: int) -> None:
+        """FNAME(gpte_changed) at level 1 reads the 8-aligned group of leaf gptes FNAME(pte_prefetch)
+        uses.  Whether the walked gpte itself changed is not modelled: that needs a guest write
+        racing with the fault."""
+        if level == 1:
+            base_gpa = gw.pte_gpa[0] & ~(PTE_PREFETCH_NUM * 8 - 1)
+            gw.prefetch_ptes = self.arch.guest.kvm_vcpu_read_guest_atomic(base_gpa, PTE_PREFETCH_NUM)
+
+    def pte_prefetch(self, vcpu: VcpuMmu, gw: GuestWalker, sp: ShadowPage, index: int) -> None:
+        """FNAME(pte_prefetch): map the group's other non-present entries, in order, until the
+        first that cannot be; where an input is unknown the model stops and names it (the
+        engine then takes the kernel's further prefetches of this page as undecidable)."""
+        if sp.level > 1:
+            return
+        if not self.arch.memslots_known:
+            self.pte_prefetch_window = (sp, R_PREFETCH)
+            return
+        if self.arch.mmu_invalidate_in_progress is None:
+            self.pte_prefetch_window = (sp, R_PREFETCH_INVALIDATION)
+            return
+        if self.arch.mmu_invalidate_in_progress:
+            return
+        if self.layout.get(sp.role, "direct"):
+            self.__direct_pte_prefetch(vcpu, sp, index)
+            return
+        start = index & ~(PTE_PREFETCH_NUM - 1)
+        for i in range(start, start + PTE_PREFETCH_NUM):
+            if i == index:
+                continue
+            present = self.spte_present(sp, i)
+            if present is None:
+                self.pte_prefetch_window = (sp, R_OLD_SPTE)
+                return
+            if present:
+                continue
+            prefetched = self.prefetch_gpte(vcpu, sp, i, gw.prefetch_ptes[i - start])
+            if prefetched is None:
+                return
+            if not prefetched:
+                break
+
+    def spte_present(self, sp: ShadowPage, index: int) -> bool | None:
+        """Whether sp's SPTE at index is present; None when the model lost it (UNKNOWN_SPTE)."""
+        spte = sp.sptes.get(index)
+        if spte == UNKNOWN_SPTE:
+            return None
+        return spte is not None and is_shadow_present_pte(spte)
+
+    def prefetch_gpte(self, vcpu: VcpuMmu, sp: ShadowPage, index: int, gpte: int | None) -> bool | None:
+        """FNAME(prefetch_gpte): True when it mapped the gpte, False when the kernel stops here,
+        None when an input is unknown (the prefetch window is then set)."""
+        if gpte is None:
+            self.pte_prefetch_window = (sp, R_PREFETCH_GPTE)
+            return None
+        if prefetch_invalid_gpte(PTTYPE_64, vcpu.cpu_role, gpte):
+            return False  # drop_spte of a non-present SPTE: nothing to drop
+        gfn = gpte_to_gfn_lvl(PTTYPE_64, gpte, 1)
+        pte_access = self.layout.get(sp.role, "access") & gpte_access(PTTYPE_64, gpte)
+        pte_access = protect_clean_gpte(PTTYPE_64, pte_access, gpte)
+        slot = self.arch.gfn_to_memslot_dirty_bitmap(gfn, bool(pte_access & ACC_WRITE_MASK))
+        if slot is None:
+            return False
+        pfn = self.arch.guest.gfn_to_pfn_memslot_atomic(slot, gfn)
+        if pfn is None:
+            self.pte_prefetch_window = (sp, R_PREFETCH_PFN)
+            return None
+        self.mmu_set_spte(vcpu, sp, index, pte_access, gfn, pfn, None)
+        return True
+
+    def __direct_pte_prefetch(self, vcpu: VcpuMmu, sp: ShadowPage, index: int) -> None:
+        """__direct_pte_prefetch: each run of non-present SPTEs in the group (the faulting one ends
+        a run) is mapped from consecutive gfns by direct_pte_prefetch_many; a failed run ends it."""
+        start = None
+        base = index & ~(PTE_PREFETCH_NUM - 1)
+        for i in range(base, base + PTE_PREFETCH_NUM + 1):
+            present = True if i in (index, base + PTE_PREFETCH_NUM) else self.spte_present(sp, i)
+            if present is None:
+                self.pte_prefetch_window = (sp, R_OLD_SPTE)
+                return
+            if not present:
+                if start is None:
+                    start = i
+                continue
+            if start is None:
+                continue
+            ret = self.direct_pte_prefetch_many(vcpu, sp, start, i)
+            if ret is None or ret < 0:
+                return
+            start = None
+
+    def direct_pte_prefetch_many(self, vcpu: VcpuMmu, sp: ShadowPage, start: int, end: int) -> int | None:
+        """direct_pte_prefetch_many: map [start, end) to sp's consecutive gfns with the page's access,
+        as far as gfn_to_page_many_atomic pins pages (-1: nothing pinned; None: not known how far)."""
+        access = self.layout.get(sp.role, "access")
+        gfn = sp.gfn + start
+        slot = self.arch.gfn_to_memslot_dirty_bitmap(gfn, bool(access & ACC_WRITE_MASK))
+        if slot is None:
+            return -1
+        pfns, complete = self.arch.guest.gfn_to_page_many_atomic(slot, gfn, end - start)
+        if complete and not pfns:
+            return -1
+        for i, pfn in enumerate(pfns):
+            self.mmu_set_spte(vcpu, sp, start + i, access, gfn + i, pfn, None)
+        if not complete:
+            self.pte_prefetch_window = (sp, R_PREFETCH_PFN)
+            return None
+        return 0
+
+    def learn_gpte(self, gpa: int, gpte: int) -> None:
+        """A guest walk read ``gpte`` at ``gpa`` (with the A/D bits it then set): remember it unless
+        the guest can write the table without a trap, i.e. a writable SPTE maps it."""
+        gfn = gpa >> 12
+        if not self.gptes_trusted or not self.arch.memslots_known:
+            return
+        if self.gfn_mapped_writable(gfn):
+            self.arch.guest.forget_gptes(gfn, gfn)
+            return
+        self.arch.guest.observe_gpte(gpa, gpte)
+
+    def gfn_mapped_writable(self, gfn: int) -> bool:
+        """Some SPTE (4K or huge) lets the guest write gfn, or may (MMU-writable: fast_page_fault
+        can set W without mmu_lock; unknown)."""
+        writable = PT_WRITABLE_MASK | self.flavor.mmu_writable_mask
+        for level in (1, 2, 3):
+            for sp, index in self.rmaps.get((level, gfn >> (9 * (level - 1))), ()):
+                spte = sp.sptes.get(index)
+                if spte == UNKNOWN_SPTE or (spte is not None and spte & writable):
+                    return True
+        return False
+
+    def guest_may_write(self, level: int, gfn: int, spte: int) -> None:
+        """A (possibly) writable SPTE now maps gfn (a huge one its whole frame): the guest tables
+        there may change without a trap, so what the model knew of them is void."""
+        if spte == UNKNOWN_SPTE or spte & (PT_WRITABLE_MASK | self.flavor.mmu_writable_mask):
+            first = gfn & ~((1 << (9 * (level - 1))) - 1)
+            self.arch.guest.forget_gptes(first, first + (1 << (9 * (level - 1))) - 1)
+
+    def distrust_gptes(self) -> None:
+        """The model lost an SPTE: from now on no guest table is known to be unwritten."""
+        self.gptes_trusted = False
+        self.arch.guest.forget_gptes()
 
     def validate_direct_spte(self, sp: ShadowPage, index: int, direct_access: int) -> None:
         """Drop a direct child whose access differs from the guest leaf's (its parent SPTE only)."""
@@ -818,12 +977,15 @@ class ShadowMmu:
                     sp.unsync = False
         elif event == "kvm_mmu_set_spte":
             sp = self.by_spt_page.get(row["sptep"] & ~0xFFF)
-            if sp is not None:
+            if sp is None:
+                self.distrust_gptes()  # an SPTE the model cannot place may map any table writable
+            else:
                 index = (row["sptep"] & 0xFFF) >> 3
                 if index not in sp.sptes:
                     self.rmap_add(sp, index, row["gfn"])
                 sp.sptes[index] = row["spte"]
                 sp.spte_ts[index] = self.arch.now_ns
+                self.guest_may_write(sp.level, row["gfn"], row["spte"])
 
     def learn_spt_page(self, sp: ShadowPage, sptep: int) -> None:
         """Remember which kernel page holds sp's SPTEs (from an aligned kvm_mmu_set_spte)."""
