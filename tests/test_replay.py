@@ -27,7 +27,7 @@ TRACES = sorted(DATA.glob("*.parquet"))
 SCENARIOS = {p.stem for p in TRACES}
 #: Recorded with the bcc recorder's input probes (ioctls, struct kvm_page_fault, quota):
 #: ``mmutrace record --scenario NAME --size N --seed 1 -o tests/data/bcc/NAME.parquet``
-#: with N = 256 (pt_rewrite, mmu_pages_limit) and 4 (cr3_switch).
+#: with N = 256 (pt_rewrite, mmu_pages_limit, memslot_churn) and 4 (cr3_switch).
 BCC_TRACES = sorted((DATA / "bcc").glob("*.parquet"))
 
 
@@ -154,6 +154,44 @@ def test_delete_one_prepare_zap(tmp_path: Path) -> None:
 
     path, [key] = _tampered(tmp_path, DATA / "mmu_pages_limit.parquet", edit)
     assert _divergences_at(path) == [(*key, "extra", "prepare_zap")]
+
+
+def _prefetched_set_sptes(table: pa.Table) -> list[int]:
+    """Rows of the kvm_mmu_set_spte events FNAME(pte_prefetch) made: after a fault's
+    kvm_mmu_spte_requested, for another gfn than the fault's (a one-vCPU trace)."""
+    events = table.column("event").cast(pa.string()).to_pylist()
+    gfns = table.column("gfn").to_pylist()
+    rows, fault_gfn = [], None
+    for i, event in enumerate(events):
+        if event == "kvm_mmu_spte_requested":
+            fault_gfn = gfns[i]
+        elif event == "kvm_mmu_pagetable_walk":
+            fault_gfn = None
+        elif event == "kvm_mmu_set_spte" and fault_gfn is not None and gfns[i] != fault_gfn:
+            rows.append(i)
+    return rows
+
+
+def test_prefetched_sptes_are_decided() -> None:
+    """memslot_churn re-reads pages whose gptes already have A set: the kernel prefetches their
+    neighbours, and the gptes of earlier walks plus the pfns of earlier faults decide every one."""
+    trace = DATA / "bcc" / "memslot_churn.parquet"
+    prefetched = len(_prefetched_set_sptes(pq.read_table(trace)))
+    data = replay_trace(trace).to_json()
+    set_spte = data["by_kind"]["set_spte"]
+    assert prefetched == 226
+    assert set_spte["matched"] == set_spte["decisions"] == data["by_kind"]["spte_requested"]["decisions"] + prefetched
+    assert not [r for r in data["undecidable_reasons"] if r.startswith("prefetched")]
+
+
+def test_change_one_prefetched_spte(tmp_path: Path) -> None:
+    def edit(table: pa.Table) -> tuple[pa.Table, list[int]]:
+        rows = _prefetched_set_sptes(table)
+        row = rows[len(rows) // 2]
+        return _set(table, "spte", row, table.column("spte")[row].as_py() ^ 2), [row]  # flip W
+
+    path, [key] = _tampered(tmp_path, DATA / "bcc" / "memslot_churn.parquet", edit)
+    assert _divergences_at(path) == [(*key, "mismatch", "set_spte")]
 
 
 def test_swap_two_zaps(tmp_path: Path) -> None:
