@@ -532,6 +532,8 @@ class VmReplay:
         """kvm->mmu_invalidate_in_progress, for a fault in its mmu_lock section now: an invalidation
         ends before its thread does anything else, so it is over once that thread shows up again
         (False); one whose thread has not been seen since may still run (None: undecidable)."""
+        if not self.invalidations:
+            return False
         for tid, ts in list(self.invalidations.items()):
             if self.threads[tid].last_ts > ts:
                 del self.invalidations[tid]

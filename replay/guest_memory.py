@@ -50,7 +50,9 @@ class GuestMemory:
 
     def kvm_vcpu_read_guest_atomic(self, gpa: int, count: int) -> list[int | None]:
         """``count`` 8-byte guest PTEs from ``gpa``: each one's value, or None where unknown."""
-        table = self.gptes.get(gpa >> PAGE_SHIFT, {})
+        table = self.gptes.get(gpa >> PAGE_SHIFT)
+        if table is None:
+            return [None] * count
         return [table.get(gpa + 8 * i) for i in range(count)]
 
     def forget_gptes(self, first_gfn: int | None = None, last_gfn: int | None = None) -> None:
