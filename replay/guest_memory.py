@@ -20,7 +20,7 @@ Used only when the memslot layout is known (the bcc recorder's ``ioctl_set_user_
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from replay.mmu import Memslot
@@ -32,6 +32,16 @@ KVM_MEM_READONLY = 1 << 1
 
 def gfn_to_hva_memslot(slot: Memslot, gfn: int) -> int:
     return slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)
+
+
+def drop_range(known: dict[int, Any], first: int, last: int) -> None:
+    """Delete the keys in [first, last], walking whichever is shorter: the range or the dict."""
+    if last - first < len(known):
+        for key in range(first, last + 1):
+            known.pop(key, None)
+    else:
+        for key in [k for k in known if first <= k <= last]:
+            del known[key]
 
 
 class GuestMemory:
@@ -59,12 +69,8 @@ class GuestMemory:
         """The guest (or the host) may have written the tables in [first_gfn, last_gfn]; all if None."""
         if first_gfn is None or last_gfn is None:
             self.gptes.clear()
-        elif last_gfn - first_gfn < len(self.gptes):
-            for gfn in range(first_gfn, last_gfn + 1):
-                self.gptes.pop(gfn, None)
         else:
-            for gfn in [g for g in self.gptes if first_gfn <= g <= last_gfn]:
-                del self.gptes[gfn]
+            drop_range(self.gptes, first_gfn, last_gfn)
 
     # ---- host pages
 
@@ -81,13 +87,7 @@ class GuestMemory:
 
     def kvm_unmap_hva_range(self, start: int, end: int) -> None:
         """An MMU-notifier invalidation: the host pages of [start, end) may be gone or read-only."""
-        first, last = start >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
-        if last - first < len(self.host_pages):
-            for page in range(first, last + 1):
-                self.host_pages.pop(page, None)
-        else:
-            for page in [p for p in self.host_pages if first <= p <= last]:
-                del self.host_pages[page]
+        drop_range(self.host_pages, start >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT)
 
     def gfn_to_page_many_atomic(self, slot: Memslot, gfn: int, nr_pages: int) -> tuple[list[int], bool]:
         """The pfns get_user_pages_fast_only(FOLL_WRITE) pins from ``gfn`` on, and whether that is
