@@ -20,6 +20,8 @@ import pytest
 
 from mmutrace import schema
 from replay.engine import replay_trace
+from replay.guest_memory import GuestMemory
+from replay.mmu import KvmArch, VcpuMmu
 from replay.shadow_mmu import ShadowMmu
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -27,7 +29,7 @@ TRACES = sorted(DATA.glob("*.parquet"))
 SCENARIOS = {p.stem for p in TRACES}
 #: Recorded with the bcc recorder's input probes (ioctls, struct kvm_page_fault, quota):
 #: ``mmutrace record --scenario NAME --size N --seed 1 -o tests/data/bcc/NAME.parquet``
-#: with N = 256 (pt_rewrite, mmu_pages_limit, memslot_churn) and 4 (cr3_switch).
+#: with N = 256 (pt_rewrite, mmu_pages_limit, memslot_churn, unmap_refault) and 4 (cr3_switch).
 BCC_TRACES = sorted((DATA / "bcc").glob("*.parquet"))
 
 
@@ -244,6 +246,27 @@ def test_broken_models_diverge_on_real_traces(model: type[ShadowMmu], trace: str
     assert not replay_trace(DATA / f"{trace}.parquet").diverged
     data = replay_trace(DATA / f"{trace}.parquet", shadow_factory=model).to_json()
     assert data["by_kind"][kind]["mismatched"] + data["by_kind"][kind]["missing"] + data["by_kind"][kind]["extra"] > 0
+
+
+class GuestMemoryKeepingUnmappedPages(GuestMemory):
+    def kvm_unmap_hva_range(self, start: int, end: int) -> None:
+        pass
+
+
+class UnmapsKeepHostPages(ShadowMmu):
+    def __init__(self, arch: KvmArch, vcpus: dict[int, VcpuMmu]) -> None:
+        super().__init__(arch, vcpus)
+        arch.guest = GuestMemoryKeepingUnmappedPages()
+
+
+def test_prefetch_needs_host_pages_forgotten_at_unmap() -> None:
+    """unmap_refault: after MADV_DONTNEED the kernel's atomic lookup of a discarded neighbour fails
+    (the prefetch stops there); a model that still took the page as present prefetches it."""
+    trace = DATA / "bcc" / "unmap_refault.parquet"
+    assert not replay_trace(trace).diverged
+    data = replay_trace(trace, shadow_factory=UnmapsKeepHostPages).to_json()
+    assert data["by_kind"]["set_spte"]["extra"] == 112
+    assert data["mismatched"] + data["missing"] == 0
 
 
 # --------------------------------------------------------------------------------------------
