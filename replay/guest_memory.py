@@ -80,9 +80,8 @@ class GuestMemory:
 
     def gfn_to_pfn_memslot_atomic(self, slot: Memslot, gfn: int) -> int | None:
         """The pfn a FOLL_WRITE fast-only lookup finds, or None when the trace does not tell
-        (the page may be absent, read-only or never faulted: the lookup may fail or succeed)."""
-        if slot.flags & KVM_MEM_READONLY:
-            return None
+        (the page may be absent, read-only or never faulted: the lookup may fail or succeed; a
+        read-only slot's pages are never learnt, their faults being read-only)."""
         return self.host_pages.get(gfn_to_hva_memslot(slot, gfn) >> PAGE_SHIFT)
 
     def kvm_unmap_hva_range(self, start: int, end: int) -> None:
