@@ -63,7 +63,7 @@ class GuestMemory:
         table = self.gptes.get(gpa >> PAGE_SHIFT)
         if table is None:
             return [None] * count
-        return [table.get(gpa + 8 * i) for i in range(count)]
+        return [table.get(pte_gpa) for pte_gpa in range(gpa, gpa + 8 * count, 8)]
 
     def forget_gptes(self, first_gfn: int | None = None, last_gfn: int | None = None) -> None:
         """The guest (or the host) may have written the tables in [first_gfn, last_gfn]; all if None."""

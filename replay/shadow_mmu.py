@@ -575,15 +575,16 @@ class ShadowMmu:
             self.__direct_pte_prefetch(vcpu, sp, index)
             return
         start = index & ~(PTE_PREFETCH_NUM - 1)
+        sptes = sp.sptes
         for i in range(start, start + PTE_PREFETCH_NUM):
             if i == index:
                 continue
-            present = self.spte_present(sp, i)
-            if present is None:
-                self.pte_prefetch_window = (sp, R_OLD_SPTE)
-                return
-            if present:
-                continue
+            if i in sptes:  # spte_present(), inlined: this loop runs for every level-1 fault
+                if sptes[i] == UNKNOWN_SPTE:
+                    self.pte_prefetch_window = (sp, R_OLD_SPTE)
+                    return
+                if is_shadow_present_pte(sptes[i]):
+                    continue
             prefetched = self.prefetch_gpte(vcpu, sp, i, gw.prefetch_ptes[i - start])
             if prefetched is None:
                 return
@@ -662,6 +663,12 @@ class ShadowMmu:
         the guest can write the table without a trap, i.e. a writable SPTE maps it."""
         gfn = gpa >> 12
         if not self.gptes_trusted or not self.arch.memslots_known:
+            return
+        known = self.arch.guest.gptes.get(gfn)
+        if known is not None:
+            # Known gptes of this table: no writable SPTE mapped it since (guest_may_write would have
+            # forgotten them), so none maps it now.
+            known[gpa] = gpte
             return
         if self.gfn_mapped_writable(gfn):
             self.arch.guest.forget_gptes(gfn, gfn)
