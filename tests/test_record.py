@@ -27,6 +27,7 @@ from mmutrace.ringbuf import RING_DTYPE, kept_records
 from probes import btf
 from mmutrace.record import Backend, RecordOptions, RecordResult, ScenarioSpec, is_kvm_process, record
 from mmutrace.scenarios import SCENARIOS
+from replay.engine import replay_trace
 from test_probes import frame
 
 MMUTRACE = [str(Path(sys.executable).parent / "mmutrace")]
@@ -178,6 +179,11 @@ def test_tracefs_backend_writes_the_same_events(touch: Recorded, tmp_path: Path)
     bcc_counts = {e: n for e, n in storage.open_trace(touch.result.path).event_counts().items()
                   if not e.startswith("ioctl_")}
     assert trace.event_counts() == bcc_counts
+    # The text lacks fault->map_writable; the host's zero pfn in the metadata decides read faults.
+    assert trace.metadata["zero_pfn"] == hostinfo.zero_pfn() is not None
+    verdict = replay_trace(out).to_json()
+    assert (verdict["mismatched"], verdict["missing"], verdict["extra"]) == (0, 0, 0)
+    assert "map_writable untraced (host page writability of a read fault)" not in verdict["undecidable_reasons"]
 
 
 @pytest.mark.bcc
