@@ -166,6 +166,37 @@ def test_rows_are_ordered_and_attributed(every_scenario) -> None:
     assert (faults.groupby("tid").vcpu.nunique() == 1).all()
 
 
+@pytest.mark.bcc
+def test_dirty_log_inputs_are_what_the_scenario_passed(tmp_path: Path) -> None:
+    """KVM_ENABLE_CAP and each KVM_CLEAR_DIRTY_LOG with its mask, exactly as the scenario issued
+    them: the mask's non-zero words come right before their ioctl, on its thread."""
+    out = tmp_path / "dirty_log.parquet"
+    result = record(RecordOptions(output=out, scenario=ScenarioSpec("dirty_log", seed=1, size=320)))
+    details = storage.open_trace(out).metadata["scenario"]["details"]
+    rows = frame(pq.read_table(out))
+    rows = rows[rows.pid == result.scenario["pid"]]
+    vm = rows[rows.event == "ioctl_get_dirty_log"].vm.unique()
+    cap = rows[rows.event == "ioctl_enable_cap"]
+    assert cap[["cap", "value"]].values.tolist() == [details["enable_cap"]] == [[168, 1]]
+    assert cap.vm.tolist() == list(vm)
+    # 320 pages: two calls per round, [0, 128) then [128, 320) (its last word is half a word)
+    clears = details["clears"]
+    assert [(c["first_page"], c["num_pages"]) for c in clears] == [(0, 128), (128, 192)] * 3
+    ioctls = rows[rows.event.isin(["ioctl_dirty_bitmap", "ioctl_clear_dirty_log"])]
+    got, words = [], []
+    for row in ioctls.itertuples():
+        if row.event == "ioctl_dirty_bitmap":
+            assert (row.slot_id, row.tid, row.vm) == (1, result.scenario["pid"], vm[0])
+            words.append([int(row.addr), int(row.value)])
+            continue
+        got.append({"slot": row.slot_id, "first_page": row.addr, "num_pages": row.count, "words": row.size,
+                    "masks": words})
+        words = []
+    want = [{k: v for k, v in c.items() if k != "phase"} | {"words": -(-c["num_pages"] // 64)} for c in clears]
+    assert got == want
+    assert sum(len(c["masks"]) for c in clears) >= 15  # a quarter of the pages dirty: few words are zero
+
+
 @pytest.mark.kvm
 def test_tracefs_backend_writes_the_same_events(touch: Recorded, tmp_path: Path) -> None:
     out = tmp_path / "tracefs.parquet"
