@@ -580,8 +580,8 @@ RAW_TRACEPOINT_PROBE(kvm_userspace_exit)	/* (__u32 reason, int errno) */
 #define KVM_SET_SREGS 0x4138AE84
 #define KVM_CLEAR_DIRTY_LOG 0xC018AEC0
 #define KVM_ENABLE_CAP 0x4068AEA3
-/* KVM_CLEAR_DIRTY_LOG's mask is read 64 pages at a time, at most this many words (256 MiB of guest). */
-#define MAX_BITMAP_WORDS 1024
+/* KVM_CLEAR_DIRTY_LOG's mask is read 64 pages at a time, at most this many words (64 MiB of guest). */
+#define MAX_BITMAP_WORDS 256
 /* struct kvm_sregs (uapi): 8 kvm_segment (24 bytes) + gdt, idt (16 bytes) then the CRs. */
 #define SREGS_CR0 224
 #define SREGS_CR3 240
@@ -646,42 +646,45 @@ static __always_inline bool is_vm_file(u64 file)
 /*
  * KVM_CLEAR_DIRTY_LOG's mask in user memory (struct kvm_clear_dirty_log: slot, num_pages,
  * first_page, dirty_bitmap; bit i = page first_page + i of the slot): one ioctl_dirty_bitmap row per
- * non-zero 64-page word, then the ioctl's own row @r (already reserved; it takes the next seq and
- * the time after the words, so it sorts after them).  Each word row is copied from a per-CPU
- * scratch record with ringbuf_output: a reserve per iteration gives the verifier one state per
- * path per word, more than it accepts.  Returns how many words were read (at most MAX_BITMAP_WORDS),
- * which the ioctl row carries so that a reader knows whether the mask is complete.
+ * 64-page word, then the ioctl's own row @r (reserved first; it takes the next seq and the time after
+ * the words, so it sorts after them).  The loop body has no branch the verifier must follow (zero
+ * words are recorded too, a full ring is counted without an if): with one, the states of every
+ * iteration multiply past what the verifier accepts.  Each word row is a copy of a per-CPU scratch
+ * record (ringbuf_output).  Returns how many words were read (at most MAX_BITMAP_WORDS), which the
+ * ioctl row carries so that a reader knows whether the mask is complete.
  */
 static __always_inline u32 record_clear_bitmap(struct mmu_record *r, u64 arg)
 {
 	u32 zero = 0, words = (rd_user(arg + 4, 4) + 63) / 64, i;
-	u64 slot = rd_user(arg, 4), first = rd_user(arg + 8, 8), bitmap = rd_user(arg + 16, 8);
+	u64 first = rd_user(arg + 8, 8), bitmap = rd_user(arg + 16, 8);
 	struct cpu_stats *st = stats.lookup(&zero);
 	struct mmu_record *w = bitmap_scratch.lookup(&zero);
-	u32 next = r->seq;
 
 	if (!st || !w)
 		return 0;
 	__builtin_memcpy(w, r, sizeof(*w));
 	w->event = EV_ioctl_dirty_bitmap;
-	w->f[0] = slot;
-	for (i = 0; i < MAX_BITMAP_WORDS && i < words; i++) {
-		w->f[2] = 0;
-		bpf_probe_read_user(&w->f[2], 8, (void *)(bitmap + 8 * i));
-		if (!w->f[2])
-			continue;
-		w->f[1] = first + 64 * i;
-		w->seq = next;
-		next = st->seq++;
-		w->ts_ns = bpf_ktime_get_ns();
-		if (EV_ioctl_dirty_bitmap < NR_EVENTS)
-			st->hits[EV_ioctl_dirty_bitmap]++;
-		if (events.ringbuf_output(w, sizeof(*w), BPF_RB_NO_WAKEUP))
-			st->lost++;
+	w->seq = r->seq;
+	w->f[0] = rd_user(arg, 4);
+#pragma unroll
+	for (i = 0; i < MAX_BITMAP_WORDS; i++) {
+		if (i < words) {
+			w->f[1] = first + 64 * i;
+			w->f[2] = 0;
+			bpf_probe_read_user(&w->f[2], 8, (void *)(bitmap + 8 * i));
+			w->ts_ns = bpf_ktime_get_ns();
+			/* a negative return (ring full) is a lost record */
+			st->lost += (u64)events.ringbuf_output(w, sizeof(*w), BPF_RB_NO_WAKEUP) >> 63;
+			w->seq = st->seq++;
+		}
 	}
-	r->seq = next;
+	if (words > MAX_BITMAP_WORDS)
+		words = MAX_BITMAP_WORDS;
+	if (EV_ioctl_dirty_bitmap < NR_EVENTS)
+		st->hits[EV_ioctl_dirty_bitmap] += words;
+	r->seq = w->seq;
 	r->ts_ns = bpf_ktime_get_ns();
-	return i;
+	return words;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)

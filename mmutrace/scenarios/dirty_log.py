@@ -13,8 +13,7 @@ same, then CLEAR with the bitmap read, in two calls (pages below the 64-aligned 
 so that ``first_page`` is not always 0).  ``details['rounds']`` lists, per round, the pages written
 and the pages the bitmap reported, and whether they are the same set; ``details['enable_cap']`` the
 capability and ``args[0]`` enabled, ``details['clears']`` each CLEAR's slot, first page, page count
-and its mask's non-zero 64-bit words as ``[first page of the word, word]`` (what the recorder's
-``ioctl_dirty_bitmap`` rows must carry).
+and its mask as 64-bit words (what the recorder's ``ioctl_dirty_bitmap`` rows must carry).
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ def run(ctx: ScenarioRun) -> None:
             for first, end in ranges:
                 words = vm.clear_dirty_log(DATA_SLOT, dirty[first:end], first)
                 clears.append({"phase": label, "slot": DATA_SLOT, "first_page": first, "num_pages": end - first,
-                               "masks": [[first + 64 * i, int(w)] for i, w in enumerate(words) if w]})
+                               "bitmap": [int(w) for w in words]})
         reported = np.flatnonzero(dirty)
         rounds.append({"phase": label, "written": len(pages), "dirty": len(reported),
                        "exact": bool(np.array_equal(reported, pages))})
