@@ -30,7 +30,8 @@ import pyarrow as pa
 from mmutrace import schema
 from mmutrace.errors import MmutraceError, TraceFileError
 from replay.decisions import COMPARED, DECISION_EVENTS, IDENTITY, KIND, Decision, Tracepoints
-from replay.mmu import BITS_PER_LONG, KVM_REFILL_PAGES, PML_LOG_NR_ENTRIES, FaultIn, FaultInResult, KvmArch, KvmMmu, KvmPageFault, VcpuMmu
+from replay.mmu import (BITS_PER_LONG, KVM_REFILL_PAGES, PML_LOG_NR_ENTRIES, FaultIn, FaultInResult, KvmArch, KvmMmu,
+                        KvmPageFault, VcpuMmu)
 from replay.paging_tmpl import PTTYPE_64, GuestWalker, walk_addr_generic
 from replay.role import known_role_mask
 from replay.shadow_mmu import R_PARAMS, R_PREFETCH, R_QUOTA, UNKNOWN_SPTE, ShadowMmu, ShadowPage

@@ -37,6 +37,7 @@ LONG_MASK = (1 << BITS_PER_LONG) - 1
 R_MANUAL_PROTECT = "KVM_ENABLE_CAP untraced: whether KVM_GET_DIRTY_LOG write-protects (manual protect) is unknown"
 R_CLEAR_MASK = "KVM_CLEAR_DIRTY_LOG mask untraced (or longer than the recorder reads)"
 R_INITIALLY_SET = "KVM_DIRTY_LOG_INITIALLY_SET harvest (huge-page write-protect and split) is not modelled"
+R_PML = "dirty-log harvest with PML: the pages the PML buffer logged are untraced"
 
 #: Upstream defaults of the kvm module parameters this host adds; any other value makes the
 #: decisions it could change undecidable (docs/undecidable.md).
@@ -412,15 +413,17 @@ class KvmMmu:
         return next(filter(None, reasons), None)
 
     def kvm_arch_mmu_enable_log_dirty_pt_masked(self, slot: Memslot, gfn_offset: int, mask: int) -> str | None:
-        """Re-enable dirty logging for the 4K pages of ``mask``: clear their D bit with PML, else
-        write-protect them (kvm_mmu_write_protect_pt_masked).  The rmap half of that function is the
+        """Re-enable dirty logging for the 4K pages of ``mask``: write-protect them
+        (kvm_mmu_write_protect_pt_masked).  With PML the kernel clears D bits instead, of pages the
+        PML buffer logged, which no trace shows: undecidable.  The rmap half of the function is the
         shadow MMU's rmap_write_protect, which has no tracepoint: the shadow model learns it from the
         next write fault's error code (engine.correct_from_error_code)."""
         if self.arch.kvm_dirty_log_manual_protect_and_init_set():
             return R_INITIALLY_SET
+        if self.arch.cpu_dirty_log_size:
+            return R_PML
         if self.tdp is not None and self.tdp_mmu_enabled:
-            wrprot = not self.arch.cpu_dirty_log_size
-            self.tdp.kvm_tdp_mmu_clear_dirty_pt_masked(slot, slot.base_gfn + gfn_offset, mask, wrprot)
+            self.tdp.kvm_tdp_mmu_clear_dirty_pt_masked(slot, slot.base_gfn + gfn_offset, mask)
         return None
 
     def kvm_arch_commit_memory_region(self, create_or_delete: bool) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from replay.decisions import Decision
 from replay.mmu import FaultIn, FaultInResult, KvmArch, KvmPageFault, Memslot, VcpuMmu
 from replay.role import ACC_ALL
-from replay.spte import (NON_EPT, PT_ACCESSED_MASK, PT_DIRTY_MASK, PT_PAGE_SIZE_MASK, PT_PRESENT_MASK, PT_USER_MASK,
+from replay.spte import (NON_EPT, PT_ACCESSED_MASK, PT_PAGE_SIZE_MASK, PT_PRESENT_MASK, PT_USER_MASK,
                          PT_WRITABLE_MASK, SPTE_MMU_PRESENT_MASK, is_large_pte, is_last_spte,
                          is_shadow_present_pte, is_writable_pte, make_spte, spte_to_pfn)
 
@@ -559,16 +559,16 @@ class TdpMmu:
         """clear_dirty_gfn_range (PML only: AMD has none, so never called on the lab's kvm_amd)."""
         return False
 
-    def kvm_tdp_mmu_clear_dirty_pt_masked(self, slot: Memslot, gfn: int, mask: int, wrprot: bool) -> None:
-        """The dirty-log harvest of 64 pages from ``gfn``: on each root (TdpRules says which)."""
+    def kvm_tdp_mmu_clear_dirty_pt_masked(self, slot: Memslot, gfn: int, mask: int) -> None:
+        """The dirty-log harvest of 64 pages from ``gfn`` with ``wrprot`` true (no PML; the PML
+        variant, which clears D, is undecidable in mmu.py): on each root (TdpRules says which)."""
         roots = [r for r in self.roots if not (r.invalid and self.tdp_rules.dirty_masked_valid_roots_only)]
         for root in roots:
-            self.clear_dirty_pt_masked(root, gfn, mask, wrprot)
+            self.clear_dirty_pt_masked(root, gfn, mask)
 
-    def clear_dirty_pt_masked(self, root: TdpPage, gfn: int, mask: int, wrprot: bool) -> None:
-        """The 4K leaves of the pages set in ``mask``, in gfn order from its first set bit: clear W
-        (write-protect, no PML) or D (PML; A/D is always on with NPT/EPT here) where it is set."""
-        dbit = PT_WRITABLE_MASK if wrprot else PT_DIRTY_MASK
+    def clear_dirty_pt_masked(self, root: TdpPage, gfn: int, mask: int) -> None:
+        """The 4K leaves of the pages set in ``mask``, in gfn order from its first set bit, lose W
+        where they have it."""
         first = gfn + (mask & -mask).bit_length() - 1
         for it in self.for_each_tdp_pte_min_level(root, PG_LEVEL_4K, first, gfn + 64):
             if not mask:
@@ -578,8 +578,8 @@ class TdpMmu:
             if it.level > PG_LEVEL_4K or not mask >> (it.gfn - gfn) & 1:
                 continue
             mask &= ~(1 << (it.gfn - gfn))
-            if it.old_spte & dbit:
-                self.tdp_mmu_set_spte(it, it.old_spte & ~dbit, False, "clear_dirty_pt_masked")
+            if it.old_spte & PT_WRITABLE_MASK:
+                self.tdp_mmu_set_spte(it, it.old_spte & ~PT_WRITABLE_MASK, False, "clear_dirty_pt_masked")
 
     def kvm_tdp_mmu_try_split_huge_pages(self, slot: Memslot, start: int, end: int, target_level: int) -> None:
         """Eager split (tdp_mmu_split_huge_pages_root): one pre-order pass over levels above
