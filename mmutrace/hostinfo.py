@@ -7,7 +7,10 @@ parameter set is its own configuration).  Everything is read from /sys and uname
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,9 +116,37 @@ def bcc_environment() -> dict[str, str]:
     return env
 
 
+#: /proc/self/pagemap: bits 0-54 of an entry are the pfn (zeroed unless the reader has CAP_SYS_ADMIN).
+PAGEMAP_PFN_MASK = (1 << 55) - 1
+
+
+def zero_pfn() -> int | None:
+    """The pfn of the host's shared zero page, which a read fault on untouched anonymous memory maps.
+
+    Replay needs it where the trace lacks ``fault->map_writable`` (tracefs captures): a read fault
+    that got the zero page is not host-writable, any other pfn of private anonymous memory is.
+    None when pagemap hides pfns (it shows 0 to a reader without CAP_SYS_ADMIN).
+    """
+    page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        cell = ctypes.c_char.from_buffer(page)
+        try:
+            untouched = cell.value == b"\0"  # this read is what maps the zero page
+            with open("/proc/self/pagemap", "rb") as pagemap:
+                pagemap.seek(ctypes.addressof(cell) // mmap.PAGESIZE * 8)
+                pfn = struct.unpack("<Q", pagemap.read(8))[0] & PAGEMAP_PFN_MASK
+        finally:
+            del cell
+    except OSError:
+        return None
+    finally:
+        page.close()
+    return pfn if untouched and pfn else None
+
+
 def host_metadata() -> dict[str, Any]:
     """The host facts a trace file stores (schema.METADATA_KEYS: kernel_release, kvm_backend,
-    kvm_params, vendor_params, tdp_mmu), plus which of those parameters are not upstream."""
+    kvm_params, vendor_params, tdp_mmu, zero_pfn), plus which of those parameters are not upstream."""
     kvm = module_params("kvm")
     vendor = kvm_vendor_module()
     params = kvm_params()
@@ -126,4 +157,5 @@ def host_metadata() -> dict[str, Any]:
         "vendor_params": module_params(vendor) if vendor else {},
         "tdp_mmu": param_bool(kvm.get("tdp_mmu")),
         "non_upstream_params": [f"{p.module}.{p.name}" for p in params if not p.upstream],
+        "zero_pfn": zero_pfn(),
     }

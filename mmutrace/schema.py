@@ -92,6 +92,7 @@ FIELD_COLUMNS: tuple[pa.Field, ...] = (
     pa.field("cr3", pa.uint64()),
     pa.field("cr4", pa.uint64()),
     pa.field("efer", pa.uint64()),
+    pa.field("cap", pa.uint32()),  # KVM_ENABLE_CAP's capability number
 )
 
 ARROW_SCHEMA = pa.schema(COMMON_COLUMNS + FIELD_COLUMNS)
@@ -189,10 +190,13 @@ EVENTS: tuple[EventKind, ...] = (
     EventKind("ioctl_set_nr_mmu_pages", "ioctl", Role.INPUT, (), ("count",)),
     EventKind("ioctl_set_sregs", "ioctl", Role.INPUT, (), ("cr0", "cr3", "cr4", "efer")),
     EventKind("ioctl_get_dirty_log", "ioctl", Role.INPUT, (), ("slot_id",)),
-    EventKind("ioctl_clear_dirty_log", "ioctl", Role.INPUT, (), ("slot_id", "addr", "count")),
+    EventKind("ioctl_clear_dirty_log", "ioctl", Role.INPUT, (), ("slot_id", "addr", "count", "size")),
     EventKind("ioctl_create_vm", "ioctl", Role.INPUT, (), ()),
     EventKind("ioctl_create_vcpu", "ioctl", Role.INPUT, (), ("value",)),
     EventKind("ioctl_ret", "ioctl", Role.INPUT, (), ("ioctl", "ret")),
+    # added in schema version 1 without a bump (new kinds and a new column: older files simply lack them)
+    EventKind("ioctl_enable_cap", "ioctl", Role.INPUT, (), ("cap", "value")),
+    EventKind("ioctl_dirty_bitmap", "ioctl", Role.INPUT, (), ("slot_id", "addr", "value")),
 )
 
 EVENTS_BY_NAME: dict[str, EventKind] = {e.name: e for e in EVENTS}

@@ -84,10 +84,12 @@ SLOTS: dict[str, tuple[Slot, ...]] = {
     "ioctl_set_nr_mmu_pages": _plain("count"),
     "ioctl_set_sregs": _plain("cr0", "cr3", "cr4", "efer"),
     "ioctl_get_dirty_log": _plain("slot_id"),
-    "ioctl_clear_dirty_log": _plain("slot_id", "addr", "count"),
+    "ioctl_clear_dirty_log": _plain("slot_id", "addr", "count", "size"),
     "ioctl_create_vm": (),
     "ioctl_create_vcpu": _plain("value"),
     "ioctl_ret": _plain("ioctl", "ret"),
+    "ioctl_enable_cap": _plain("cap", "value"),
+    "ioctl_dirty_bitmap": _plain("slot_id", "addr", "value"),
 }
 
 #: Columns the header carries for events whose tracefs format has them as fields.

@@ -69,6 +69,7 @@ BPF_HASH(vms, u64, u8, 256);                    /* struct kvm * of VMs owned by 
 BPF_HASH(vcpu_of_tid, u32, struct vcpu_ctx, 16384);
 BPF_HASH(vm_of_tgid, u32, u64, 1024);
 BPF_HASH(ioctls, u32, struct pending_ioctl, 1024);
+BPF_PERCPU_ARRAY(bitmap_scratch, struct mmu_record, 1);	/* record_clear_bitmap's row */
 BPF_ARRAY(direct_map, u64, 1);                  /* PAGE_OFFSET once learnt, else 0 */
 BPF_HASH(root_spt, u32, u64, 4096);             /* per thread: spt of the last root it got */
 
@@ -578,22 +579,31 @@ RAW_TRACEPOINT_PROBE(kvm_userspace_exit)	/* (__u32 reason, int errno) */
 #define KVM_SET_USER_MEMORY_REGION2 0x40A0AE49
 #define KVM_SET_SREGS 0x4138AE84
 #define KVM_CLEAR_DIRTY_LOG 0xC018AEC0
+#define KVM_ENABLE_CAP 0x4068AEA3
+/* KVM_CLEAR_DIRTY_LOG's mask is read 64 pages at a time, at most this many words (64 MiB of guest). */
+#define MAX_BITMAP_WORDS 256
 /* struct kvm_sregs (uapi): 8 kvm_segment (24 bytes) + gdt, idt (16 bytes) then the CRs. */
 #define SREGS_CR0 224
 #define SREGS_CR3 240
 #define SREGS_CR4 248
 #define SREGS_EFER 264
 
-/* file->private_data of the caller's @fd: the struct kvm of a VM fd, the kvm_vcpu of a vCPU fd. */
-static __always_inline u64 fd_private_data(u64 fd)
+/* The caller's struct file of @fd, 0 when there is none. */
+static __always_inline u64 fd_file(u64 fd)
 {
 	u64 task = bpf_get_current_task();
 	u64 fdt = F(F(task, task_struct__files), files_struct__fdt);
-	u64 file;
 
 	if (fd >= F(fdt, fdtable__max_fds))
 		return 0;
-	file = rd(F(fdt, fdtable__fd), fd * 8, 8);
+	return rd(F(fdt, fdtable__fd), fd * 8, 8);
+}
+
+/* file->private_data of the caller's @fd: the struct kvm of a VM fd, the kvm_vcpu of a vCPU fd. */
+static __always_inline u64 fd_private_data(u64 fd)
+{
+	u64 file = fd_file(fd);
+
 	return file ? F(file, file__private_data) : 0;
 }
 
@@ -611,12 +621,70 @@ static __always_inline u32 ioctl_event(u32 cmd)
 		return WANT_ioctl_get_dirty_log ? EV_ioctl_get_dirty_log : NR_EVENTS;
 	case KVM_CLEAR_DIRTY_LOG:
 		return WANT_ioctl_clear_dirty_log ? EV_ioctl_clear_dirty_log : NR_EVENTS;
+	case KVM_ENABLE_CAP:
+		return WANT_ioctl_enable_cap ? EV_ioctl_enable_cap : NR_EVENTS;
 	case KVM_CREATE_VM:
 		return WANT_ioctl_create_vm ? EV_ioctl_create_vm : NR_EVENTS;
 	case KVM_CREATE_VCPU:
 		return WANT_ioctl_create_vcpu ? EV_ioctl_create_vcpu : NR_EVENTS;
 	}
 	return NR_EVENTS;
+}
+
+/* Is @file a VM fd?  KVM_ENABLE_CAP has one number for VM and vCPU fds; their anon inodes are named
+ * "kvm-vm" and "kvm-vcpu:N". */
+static __always_inline bool is_vm_file(u64 file)
+{
+	u64 name = F(F(file, file__f_path__dentry), dentry__d_name__name);
+	char buf[8] = {};
+
+	bpf_probe_read_kernel(buf, 7, (void *)name);
+	return buf[0] == 'k' && buf[1] == 'v' && buf[2] == 'm' && buf[3] == '-' && buf[4] == 'v' &&
+	       buf[5] == 'm' && buf[6] == 0;
+}
+
+/*
+ * KVM_CLEAR_DIRTY_LOG's mask in user memory (struct kvm_clear_dirty_log: slot, num_pages,
+ * first_page, dirty_bitmap; bit i = page first_page + i of the slot): one ioctl_dirty_bitmap row per
+ * 64-page word, then the ioctl's own row @r (reserved first; it takes the next seq and the time after
+ * the words, so it sorts after them).  The loop body has no branch the verifier must follow (zero
+ * words are recorded too, a full ring is counted without an if): with one, the states of every
+ * iteration multiply past what the verifier accepts.  Each word row is a copy of a per-CPU scratch
+ * record (ringbuf_output).  Returns how many words were read (at most MAX_BITMAP_WORDS), which the
+ * ioctl row carries so that a reader knows whether the mask is complete.
+ */
+static __always_inline u32 record_clear_bitmap(struct mmu_record *r, u64 arg)
+{
+	u32 zero = 0, words = (rd_user(arg + 4, 4) + 63) / 64, i;
+	u64 first = rd_user(arg + 8, 8), bitmap = rd_user(arg + 16, 8);
+	struct cpu_stats *st = stats.lookup(&zero);
+	struct mmu_record *w = bitmap_scratch.lookup(&zero);
+
+	if (!st || !w)
+		return 0;
+	__builtin_memcpy(w, r, sizeof(*w));
+	w->event = EV_ioctl_dirty_bitmap;
+	w->seq = r->seq;
+	w->f[0] = rd_user(arg, 4);
+#pragma unroll
+	for (i = 0; i < MAX_BITMAP_WORDS; i++) {
+		if (i < words) {
+			w->f[1] = first + 64 * i;
+			w->f[2] = 0;
+			bpf_probe_read_user(&w->f[2], 8, (void *)(bitmap + 8 * i));
+			w->ts_ns = bpf_ktime_get_ns();
+			/* a negative return (ring full) is a lost record */
+			st->lost += (u64)events.ringbuf_output(w, sizeof(*w), BPF_RB_NO_WAKEUP) >> 63;
+			w->seq = st->seq++;
+		}
+	}
+	if (words > MAX_BITMAP_WORDS)
+		words = MAX_BITMAP_WORDS;
+	if (EV_ioctl_dirty_bitmap < NR_EVENTS)
+		st->hits[EV_ioctl_dirty_bitmap] += words;
+	r->seq = w->seq;
+	r->ts_ns = bpf_ktime_get_ns();
+	return words;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
@@ -634,6 +702,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	}
 	if (event == NR_EVENTS)
 		return 0;
+	if (cmd == KVM_ENABLE_CAP && !is_vm_file(fd_file(args->fd)))
+		return 0;	/* a vCPU capability */
 	obj = fd_private_data(args->fd);
 	if (cmd == KVM_SET_SREGS) {
 		vm = F(obj, kvm_vcpu__kvm);
@@ -675,6 +745,14 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 		r->f[0] = rd_user(arg, 4);
 		r->f[1] = rd_user(arg + 8, 8);
 		r->f[2] = rd_user(arg + 4, 4);
+		if (WANT_ioctl_dirty_bitmap)
+			r->f[3] = record_clear_bitmap(r, arg);
+		else
+			r->nulls |= 1 << 3;
+		break;
+	case KVM_ENABLE_CAP:		/* struct kvm_enable_cap: cap, flags, args[0] */
+		r->f[0] = rd_user(arg, 4);
+		r->f[1] = rd_user(arg + 8, 8);
 		break;
 	}
 	record_end(r);

@@ -72,38 +72,47 @@ def _replay_job(path: str) -> tuple[int, dict[str, Any]]:
     return data["events"], verdicts
 
 
-def _child(job: str, path: str) -> None:
-    """Entry point of a measuring child: prints its figures as one JSON line."""
+def _child(job: str, path: str, repeat: int = 1) -> None:
+    """Entry point of a measuring child: prints its figures as one JSON line.
+
+    ``repeat`` runs the job that many times over the file (each replay with a fresh model) so that a
+    small trace, such as a nested-lab TDP recording, still takes long enough to time."""
     run = {"arrow": _arrow_job, "read": _read_job, "replay": _replay_job}[job]
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
+    import replay.engine  # noqa: F401  (imported before the clock starts: on a small lab trace it would dominate)
     t0, c0 = time.perf_counter(), time.process_time()
-    events, verdicts = run(path)
+    for _ in range(repeat):
+        events, verdicts = run(path)
+    events *= repeat
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     figures = JobFigures(events, round(wall, 3), round(cpu, 3), round(peak_kb / 1024, 1), verdicts)
     print(json.dumps(asdict(figures)))
 
 
-def _measure(job: str, path: Path) -> JobFigures:
-    code = f"from replay.bench import _child; _child({job!r}, {str(path)!r})"
+def _measure(job: str, path: Path, repeat: int) -> JobFigures:
+    code = f"from replay.bench import _child; _child({job!r}, {str(path)!r}, {repeat})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
         raise UsageError(f"bench {job} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
     return JobFigures(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def bench_replay(path: Path, min_events: int = MIN_EVENTS) -> dict[str, Any]:
-    """Read-only and replay figures for ``path`` and their ratio (replay speed / read speed)."""
+def bench_replay(path: Path, min_events: int = MIN_EVENTS, repeat: int = 1) -> dict[str, Any]:
+    """Read-only and replay figures for ``path`` (each job over it ``repeat`` times) and their ratio
+    (replay speed / read speed)."""
     from mmutrace.storage import open_trace
 
     events = open_trace(path).num_rows
     if events < min_events:
         raise UsageError(f"{path} has {events:,} events; the benchmark needs at least {min_events:,} "
                          f"(mmutrace record --scenario touch --size 350000 -o big.parquet)")
-    jobs = {job: _measure(job, path) for job in ("arrow", "read", "replay")}
+    if repeat < 1:
+        raise UsageError(f"--repeat must be at least 1, not {repeat}")
+    jobs = {job: _measure(job, path, repeat) for job in ("arrow", "read", "replay")}
     replay = jobs["replay"]
     return {
-        "trace": str(path), "events": events,
+        "trace": str(path), "events": events, "repeat": repeat,
         **{job: {**asdict(f), "events_per_cpu_s": round(f.events_per_cpu_s)} for job, f in jobs.items()},
         "replay_vs_arrow_read": round(replay.events_per_cpu_s / jobs["arrow"].events_per_cpu_s, 4),
         "replay_vs_python_read": round(replay.events_per_cpu_s / jobs["read"].events_per_cpu_s, 4),

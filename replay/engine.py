@@ -30,7 +30,8 @@ import pyarrow as pa
 from mmutrace import schema
 from mmutrace.errors import MmutraceError, TraceFileError
 from replay.decisions import COMPARED, DECISION_EVENTS, IDENTITY, KIND, Decision, Tracepoints
-from replay.mmu import KVM_REFILL_PAGES, FaultIn, FaultInResult, KvmArch, KvmMmu, KvmPageFault, VcpuMmu
+from replay.mmu import (BITS_PER_LONG, KVM_REFILL_PAGES, PML_LOG_NR_ENTRIES, FaultIn, FaultInResult, KvmArch, KvmMmu,
+                        KvmPageFault, VcpuMmu)
 from replay.paging_tmpl import PTTYPE_64, GuestWalker, walk_addr_generic
 from replay.role import known_role_mask
 from replay.shadow_mmu import R_PARAMS, R_QUOTA, UNKNOWN_SPTE, ShadowMmu, ShadowPage
@@ -73,7 +74,7 @@ READ_COLUMNS = ["ts_ns", "cpu", "seq", "tid", "vm", "vcpu", "event", "gfn", "lev
                 "mmu_valid_gen", "unsync", "created", "spte", "sptep", "pfn", "addr", "end", "error_code",
                 "mmu_used", "mmu_max", "map_writable", "req_level", "count", "slot_id", "slot_base_gfn",
                 "slot_npages", "slot_hva", "slot_flags", "cr0", "cr3", "cr4", "efer", "ret", "old_spte",
-                "new_spte", "as_id", "access", "gen"]
+                "new_spte", "as_id", "access", "gen", "cap", "value", "size"]
 
 #: Rows converted to Python at a time: a whole row group's columns as Python ints would cost more
 #: memory than the model state of a large trace (~40 bytes a value); 64k rows keep it to ~60 MB.
@@ -249,6 +250,8 @@ class Thread:
     #: Set by a write-protected fault until the thread's next exit: emulator zaps are undecidable.
     emulating: str | None = None
     last_ts: int = 0
+    #: KVM_CLEAR_DIRTY_LOG's mask words recorded before its ioctl row: first page -> word.
+    clear_masks: dict[int, int] = field(default_factory=dict)
 
 
 class VmReplay:
@@ -264,6 +267,10 @@ class VmReplay:
         self.arch = KvmArch(rules=rules, tp=self.tp, kvm_params=dict(meta.get("kvm_params") or {}))
         self.arch.nx_huge_pages = str(self.arch.kvm_params.get("nx_huge_pages", "N")).upper().startswith("Y")
         self.arch.zero_pfn = meta.get("zero_pfn")
+        if "ioctl_enable_cap" in (meta.get("event_inputs") or {}):
+            self.arch.manual_dirty_log_protect = 0  # traced: off until a KVM_ENABLE_CAP row says otherwise
+        if str((meta.get("vendor_params") or {}).get("enable_pml", "N")).upper().startswith("Y"):
+            self.arch.cpu_dirty_log_size = PML_LOG_NR_ENTRIES
         self.mmu = KvmMmu(self.arch, None, None, split, bool(meta.get("tdp_mmu")))  # type: ignore[arg-type]
         self.shadow = shadow_factory(self.arch, self.mmu.vcpus)
         self.mmu.shadow = self.shadow
@@ -558,6 +565,17 @@ class VmReplay:
         elif ev == "ioctl_set_sregs" and row.get("cr0") is not None:
             vcpu = self.mmu.vcpu(row["vcpu"] if row.get("vcpu") is not None else t.tid)
             self.mmu.kvm_set_sregs(vcpu, row["cr0"], row["cr3"], row["cr4"], row["efer"])
+        elif ev == "ioctl_enable_cap":
+            self.mmu.kvm_vm_ioctl_enable_cap_generic(row["cap"], row["value"])
+        elif ev == "ioctl_dirty_bitmap":
+            t.clear_masks[row["addr"]] = row["value"]
+        elif ev == "ioctl_get_dirty_log":
+            t.context = self.mmu.kvm_get_dirty_log_protect(row["slot_id"])
+        elif ev == "ioctl_clear_dirty_log":
+            masks, t.clear_masks = t.clear_masks, {}
+            complete = row.get("size") is not None and row["size"] * BITS_PER_LONG >= row["count"]
+            t.context = self.mmu.kvm_clear_dirty_log_protect(row["slot_id"], row["addr"], row["count"],
+                                                             masks if complete else None)
         self.take_predictions(t)
 
     # ---- judging

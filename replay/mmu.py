@@ -27,6 +27,18 @@ KVM_MEMSLOT_PAGES_TO_MMU_PAGES_RATIO = 50
 KVM_MIN_FREE_MMU_PAGES = 5
 KVM_REFILL_PAGES = 25
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+BITS_PER_LONG = 64
+#: PML_LOG_NR_ENTRIES (vmx): kvm_x86_ops.cpu_dirty_log_size when kvm_intel's enable_pml is on.
+PML_LOG_NR_ENTRIES = 512
+LONG_MASK = (1 << BITS_PER_LONG) - 1
+
+R_MANUAL_PROTECT = "KVM_ENABLE_CAP untraced: whether KVM_GET_DIRTY_LOG write-protects (manual protect) is unknown"
+R_CLEAR_MASK = "KVM_CLEAR_DIRTY_LOG mask untraced (or longer than the recorder reads)"
+R_INITIALLY_SET = "KVM_DIRTY_LOG_INITIALLY_SET harvest (huge-page write-protect and split) is not modelled"
+R_PML = "dirty-log harvest with PML: the pages the PML buffer logged are untraced"
 
 #: Upstream defaults of the kvm module parameters this host adds; any other value makes the
 #: decisions it could change undecidable (docs/undecidable.md).
@@ -82,6 +94,8 @@ class Memslot:
     npages: int
     userspace_addr: int
     flags: int
+    #: dirty_bitmap, bit i = page base_gfn + i; None without KVM_MEM_LOG_DIRTY_PAGES.
+    dirty_bitmap: int | None = None
 
     def hva_to_gfn_range(self, start: int, end: int) -> tuple[int, int] | None:
         """The gfns [first, last) whose hva overlaps [start, end), or None (kvm_handle_hva_range)."""
@@ -202,6 +216,20 @@ class KvmArch:
     #: kvm->mmu_invalidate_in_progress at the fault's mmu_lock section: None when the trace cannot
     #: tell (an invalidation started and its thread has not been seen since; only starts are traced).
     mmu_invalidate_in_progress: bool | None = False
+    #: kvm->manual_dirty_log_protect (KVM_ENABLE_CAP's args[0]); None when the trace cannot tell
+    #: (the recorder did not trace KVM_ENABLE_CAP).
+    manual_dirty_log_protect: int | None = None
+    #: kvm_x86_ops.cpu_dirty_log_size: PML entries (kvm_intel enable_pml), 0 without PML (AMD, PVM).
+    cpu_dirty_log_size: int = 0
+
+    def mark_page_dirty_in_slot(self, gfn: int) -> None:
+        """kvm_main.c: a page of a dirty-logged slot became writable (make_spte, fast_page_fault)."""
+        slot = self.gfn_to_memslot(gfn)
+        if slot is not None and slot.dirty_bitmap is not None:
+            slot.dirty_bitmap |= 1 << (gfn - slot.base_gfn)
+
+    def kvm_dirty_log_manual_protect_and_init_set(self) -> bool:
+        return bool((self.manual_dirty_log_protect or 0) & KVM_DIRTY_LOG_INITIALLY_SET)
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
         for slot in self.memslots.values():
@@ -220,6 +248,12 @@ class KvmArch:
         """Non-upstream kvm parameters set to something other than their upstream behaviour."""
         return {k: v for k, v in self.kvm_params.items()
                 if k in NON_UPSTREAM_PARAM_DEFAULTS and v != NON_UPSTREAM_PARAM_DEFAULTS[k]}
+
+
+def bitmap_words(bitmap: int, first: int, npages: int) -> list[tuple[int, int]]:
+    """(first page, word) of each non-zero 64-page word of ``bitmap`` over pages [first, first + npages)."""
+    return [(offset, word) for offset in range(first, first + npages, BITS_PER_LONG)
+            if (word := (bitmap >> offset) & LONG_MASK)]
 
 
 class KvmMmu:
@@ -318,7 +352,7 @@ class KvmMmu:
             del self.arch.memslots[slot_id]
             self.kvm_arch_commit_memory_region(create_or_delete=True)
             return
-        new = Memslot(slot_id, base_gfn, npages, hva, flags)
+        new = Memslot(slot_id, base_gfn, npages, hva, flags, self.kvm_alloc_dirty_bitmap(old, npages, flags))
         if old is not None and old.base_gfn != base_gfn:
             self.kvm_arch_flush_shadow_memslot(old)  # KVM_MR_MOVE
         self.arch.memslots[slot_id] = new
@@ -326,6 +360,84 @@ class KvmMmu:
             self.kvm_arch_commit_memory_region(create_or_delete=True)
         elif (old.flags ^ flags) & KVM_MEM_LOG_DIRTY_PAGES and flags & KVM_MEM_LOG_DIRTY_PAGES:
             self.shadow.kvm_shadow_mmu_slot_remove_write_access(new, 1)
+
+    def kvm_alloc_dirty_bitmap(self, old: Memslot | None, npages: int, flags: int) -> int | None:
+        """kvm_prepare_memory_region: a logged slot keeps its bitmap, else gets a clear one (all set
+        with KVM_DIRTY_LOG_INITIALLY_SET); an unlogged slot has none."""
+        if not flags & KVM_MEM_LOG_DIRTY_PAGES:
+            return None
+        if old is not None and old.dirty_bitmap is not None:
+            return old.dirty_bitmap
+        return (1 << npages) - 1 if self.arch.kvm_dirty_log_manual_protect_and_init_set() else 0
+
+    # ---- dirty logging (kvm_main.c's ioctls, then mmu.c's kvm_arch_mmu_enable_log_dirty_pt_masked)
+
+    def kvm_vm_ioctl_enable_cap_generic(self, cap: int, args0: int) -> None:
+        """KVM_ENABLE_CAP on the VM fd: only KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 concerns the MMU; an
+        option outside the allowed ones is -EINVAL (flags, untraced, must be 0 as well)."""
+        if cap != KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            return
+        allowed = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+        if args0 & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+            allowed |= KVM_DIRTY_LOG_INITIALLY_SET
+        if not args0 & ~allowed:
+            self.arch.manual_dirty_log_protect = args0
+
+    def logged_slot(self, slot: int) -> Memslot | None:
+        """id_to_memslot of a KVM_*_DIRTY_LOG slot argument (as_id << 16 | id) with a dirty bitmap."""
+        memslot = self.arch.memslots.get(slot) if slot >> 16 == 0 else None
+        return memslot if memslot is not None and memslot.dirty_bitmap is not None else None
+
+    def kvm_get_dirty_log_protect(self, slot: int) -> str | None:
+        """KVM_GET_DIRTY_LOG: with manual protect only a copy; else take every non-zero word of the
+        bitmap (xchg with 0) and re-protect its pages, word by word.  Returns why it cannot be decided."""
+        memslot = self.logged_slot(slot)
+        if memslot is None:
+            return None  # -ENOENT
+        if self.arch.manual_dirty_log_protect is None:
+            return R_MANUAL_PROTECT
+        if self.arch.manual_dirty_log_protect:
+            return None
+        bitmap, memslot.dirty_bitmap = memslot.dirty_bitmap, 0
+        reasons = [self.kvm_arch_mmu_enable_log_dirty_pt_masked(memslot, offset, mask)
+                   for offset, mask in bitmap_words(bitmap, 0, memslot.npages)]
+        return next(filter(None, reasons), None)
+
+    def kvm_clear_dirty_log_protect(self, slot: int, first_page: int, num_pages: int,
+                                    masks: dict[int, int] | None) -> str | None:
+        """KVM_CLEAR_DIRTY_LOG: for each word of the user's mask (``masks``: first page of the word ->
+        word, zero words left out; None when the trace lacks it), clear those bits in the bitmap and
+        re-protect the pages that were set in both.  Returns why it cannot be decided."""
+        memslot = self.logged_slot(slot)
+        if first_page & 63 or memslot is None:
+            return None  # -EINVAL / -ENOENT
+        npages = memslot.npages
+        if first_page > npages or num_pages > npages - first_page or (
+                num_pages < npages - first_page and num_pages & 63):
+            return None  # -EINVAL
+        if masks is None:
+            return R_CLEAR_MASK
+        reasons = []
+        for offset in sorted(o for o in masks if first_page <= o < first_page + num_pages):
+            mask = masks[offset] & (memslot.dirty_bitmap >> offset) & LONG_MASK  # atomic_long_fetch_andnot
+            memslot.dirty_bitmap &= ~(masks[offset] << offset)
+            if mask:
+                reasons.append(self.kvm_arch_mmu_enable_log_dirty_pt_masked(memslot, offset, mask))
+        return next(filter(None, reasons), None)
+
+    def kvm_arch_mmu_enable_log_dirty_pt_masked(self, slot: Memslot, gfn_offset: int, mask: int) -> str | None:
+        """Re-enable dirty logging for the 4K pages of ``mask``: write-protect them
+        (kvm_mmu_write_protect_pt_masked).  With PML the kernel clears D bits instead, of pages the
+        PML buffer logged, which no trace shows: undecidable.  The rmap half of the function is the
+        shadow MMU's rmap_write_protect, which has no tracepoint: the shadow model learns it from the
+        next write fault's error code (engine.correct_from_error_code)."""
+        if self.arch.kvm_dirty_log_manual_protect_and_init_set():
+            return R_INITIALLY_SET
+        if self.arch.cpu_dirty_log_size:
+            return R_PML
+        if self.tdp is not None and self.tdp_mmu_enabled:
+            self.tdp.kvm_tdp_mmu_clear_dirty_pt_masked(slot, slot.base_gfn + gfn_offset, mask)
+        return None
 
     def kvm_arch_commit_memory_region(self, create_or_delete: bool) -> None:
         """The default quota: 2% of memslot pages, at least 64, unless userspace set one."""

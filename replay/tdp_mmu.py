@@ -68,16 +68,20 @@ class TdpRules:
     ret_pf_spurious: int
     #: fast_page_fault's error_code field width (u32 in 6.1, u64 later).
     fast_pf_error_code_mask: int
+    #: kvm_tdp_mmu_clear_dirty_pt_masked walks every root (6.1: for_each_tdp_mmu_root) or only the
+    #: valid ones (6.12: for_each_valid_tdp_mmu_root).
+    dirty_masked_valid_roots_only: bool
 
 
 TDP_RULES_6_1 = TdpRules("6.1", zap_root_levels=(PG_LEVEL_1G, TDP_ROOT_LEVEL), split_huge_in_place=False,
                          zap_atomic_reports_removed=True,
                          alloc_root_twin="kvm_tdp_mmu_get_vcpu_root_hpa", ret_pf_invalid=3, ret_pf_fixed=4,
-                         ret_pf_spurious=5, fast_pf_error_code_mask=0xFFFFFFFF)
+                         ret_pf_spurious=5, fast_pf_error_code_mask=0xFFFFFFFF, dirty_masked_valid_roots_only=False)
 TDP_RULES_6_12 = TdpRules("6.12", zap_root_levels=(PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, TDP_ROOT_LEVEL),
                           split_huge_in_place=True, zap_atomic_reports_removed=False,
                           alloc_root_twin="kvm_tdp_mmu_alloc_root", ret_pf_invalid=4,
-                          ret_pf_fixed=5, ret_pf_spurious=6, fast_pf_error_code_mask=(1 << 64) - 1)
+                          ret_pf_fixed=5, ret_pf_spurious=6, fast_pf_error_code_mask=(1 << 64) - 1,
+                          dirty_masked_valid_roots_only=True)
 TDP_RULES: dict[str, TdpRules] = {"6.1": TDP_RULES_6_1, "6.12": TDP_RULES_6_12,
                                   "6.18": TdpRules(**{**TDP_RULES_6_12.__dict__, "name": "6.18"})}
 
@@ -362,6 +366,7 @@ class TdpMmu:
                 new = spte | PT_WRITABLE_MASK
                 it.page.spt[it.index] = new
                 ret = rules.ret_pf_fixed
+                self.arch.mark_page_dirty_in_slot(fault.gfn)  # fast_pf_fix_direct_spte
         self._emit("fast_page_fault", {"addr": fault.addr, "error_code": fault.error_code & rules.fast_pf_error_code_mask,
                                        "old_spte": spte, "new_spte": new, "ret": ret}, "fast_page_fault")
         return ret
@@ -460,6 +465,8 @@ class TdpMmu:
                                pfn=fault.pfn, old_spte=it.old_spte, prefetch=False, synchronizing=False,
                                host_writable=bool(fault.map_writable), nx_huge_pages=self.arch.nx_huge_pages,
                                try_to_unsync=lambda: False)
+            if new & PT_WRITABLE_MASK:
+                self.arch.mark_page_dirty_in_slot(it.gfn)  # make_spte, for a dirty-logged slot
         reason = R_MMIO_GEN if inputs_is_mmio else (R_HOST_WRITABLE if fault.map_writable is None else None)
         ret = rules.ret_pf_fixed
         if new == it.old_spte and not inputs_is_mmio:
@@ -551,6 +558,28 @@ class TdpMmu:
     def kvm_tdp_mmu_clear_dirty_slot(self, slot: Memslot) -> bool:
         """clear_dirty_gfn_range (PML only: AMD has none, so never called on the lab's kvm_amd)."""
         return False
+
+    def kvm_tdp_mmu_clear_dirty_pt_masked(self, slot: Memslot, gfn: int, mask: int) -> None:
+        """The dirty-log harvest of 64 pages from ``gfn`` with ``wrprot`` true (no PML; the PML
+        variant, which clears D, is undecidable in mmu.py): on each root (TdpRules says which)."""
+        roots = [r for r in self.roots if not (r.invalid and self.tdp_rules.dirty_masked_valid_roots_only)]
+        for root in roots:
+            self.clear_dirty_pt_masked(root, gfn, mask)
+
+    def clear_dirty_pt_masked(self, root: TdpPage, gfn: int, mask: int) -> None:
+        """The 4K leaves of the pages set in ``mask``, in gfn order from its first set bit, lose W
+        where they have it."""
+        first = gfn + (mask & -mask).bit_length() - 1
+        for it in self.for_each_tdp_pte_min_level(root, PG_LEVEL_4K, first, gfn + 64):
+            if not mask:
+                break
+            if not is_shadow_present_pte(it.old_spte) or not is_last_spte(it.old_spte, it.level):
+                continue
+            if it.level > PG_LEVEL_4K or not mask >> (it.gfn - gfn) & 1:
+                continue
+            mask &= ~(1 << (it.gfn - gfn))
+            if it.old_spte & PT_WRITABLE_MASK:
+                self.tdp_mmu_set_spte(it, it.old_spte & ~PT_WRITABLE_MASK, False, "clear_dirty_pt_masked")
 
     def kvm_tdp_mmu_try_split_huge_pages(self, slot: Memslot, start: int, end: int, target_level: int) -> None:
         """Eager split (tdp_mmu_split_huge_pages_root): one pre-order pass over levels above

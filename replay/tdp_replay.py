@@ -25,7 +25,6 @@ R_UNTRACED_IOCTL = "SPTE change outside any fault or traced cause (memslot or di
 R_TEARDOWN = "VM teardown (kvm_mmu_zap_all) is untraced; the model zaps from the first zap on"
 R_MMIO_FAULT = "MMIO SPTE fault (handle_mmio_page_fault): memslot generation untraced"
 R_NO_FAULT = "TDP map without kvm_page_fault (async page fault completion or pre-fault ioctl)"
-R_DIRTY_LOG = "KVM_GET/CLEAR_DIRTY_LOG harvest: the dirty bitmap is not modelled"
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 
 #: Rows that end a vCPU's fault episode (the guest ran again or exited).
@@ -64,9 +63,6 @@ class TdpReplay:
             self.zap_all_fast(t, row)
         elif ev == "ioctl_set_user_memory_region":
             self.set_memory_region(t, ev, row)
-        elif ev in ("ioctl_get_dirty_log", "ioctl_clear_dirty_log"):
-            self.vm.ioctl(t, ev, row)
-            t.context = R_DIRTY_LOG
         elif ev in TDP_DECISIONS:
             if ev == "kvm_mmu_spte_requested":
                 self.feed(t, row)
@@ -129,8 +125,9 @@ class TdpReplay:
 
     def set_memory_region(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
         """Common code handles the slot; a dirty-logging toggle is kvm_mmu_slot_apply_flags: on, eager
-        split to 4K (kvm param eager_page_split) then write-protect every leaf (no PML on AMD); off,
-        zap the tables that can become huge pages again."""
+        split to 4K (kvm param eager_page_split) then write-protect every leaf (no PML on AMD), unless
+        KVM_DIRTY_LOG_INITIALLY_SET (every page counts as dirty: nothing to protect); off, zap the
+        tables that can become huge pages again."""
         vm = self.vm
         old = vm.arch.memslots.get(row["slot_id"])
         vm.ioctl(t, ev, row)
@@ -140,6 +137,8 @@ class TdpReplay:
         if not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
             self.tdp.kvm_tdp_mmu_zap_collapsible_sptes(new)
             vm.take_predictions(t)
+            return
+        if vm.arch.kvm_dirty_log_manual_protect_and_init_set():
             return
         end = new.base_gfn + new.npages
         if str(vm.arch.kvm_params.get("eager_page_split", "Y")).upper().startswith("Y"):

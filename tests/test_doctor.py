@@ -154,3 +154,24 @@ def test_lab_readiness_rows_follow_lab_status(report: dict) -> None:
     rows = [c for c in report["checks"] if c["name"].startswith("lab: ")]
     assert [(r["name"][len("lab: "):], r["status"] == "ok") for r in rows] == [(n, ok) for n, ok, _ in lab_status()]
     assert not any(r["required"] for r in rows)
+
+
+#: /proc/kpageflags bit KPF_ZERO_PAGE (include/uapi/linux/kernel-page-flags.h).
+KPF_ZERO_PAGE = 24
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: pagemap and kpageflags hide pfns from other users")
+def test_zero_pfn_is_the_page_the_kernel_flags_as_the_zero_page() -> None:
+    """Checked against an independent source: the kernel's own page flags for that pfn."""
+    pfn = hostinfo.zero_pfn()
+    assert pfn is not None and pfn > 0
+    with open("/proc/kpageflags", "rb") as flags:
+        flags.seek(pfn * 8)
+        assert int.from_bytes(flags.read(8), "little") >> KPF_ZERO_PAGE & 1 == 1
+    assert hostinfo.host_metadata()["zero_pfn"] == pfn
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_zero_pfn_is_none_where_pagemap_hides_pfns() -> None:
+    proc = _run_unprivileged("from mmutrace.hostinfo import zero_pfn; print(zero_pfn())")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "None\n", "")

@@ -27,6 +27,7 @@ from mmutrace.ringbuf import RING_DTYPE, kept_records
 from probes import btf
 from mmutrace.record import Backend, RecordOptions, RecordResult, ScenarioSpec, is_kvm_process, record
 from mmutrace.scenarios import SCENARIOS
+from replay.engine import replay_trace
 from test_probes import frame
 
 MMUTRACE = [str(Path(sys.executable).parent / "mmutrace")]
@@ -166,6 +167,38 @@ def test_rows_are_ordered_and_attributed(every_scenario) -> None:
     assert (faults.groupby("tid").vcpu.nunique() == 1).all()
 
 
+@pytest.mark.bcc
+def test_dirty_log_inputs_are_what_the_scenario_passed(tmp_path: Path) -> None:
+    """KVM_ENABLE_CAP and each KVM_CLEAR_DIRTY_LOG with its mask, exactly as the scenario issued
+    them: the mask's words come right before their ioctl, on its thread."""
+    out = tmp_path / "dirty_log.parquet"
+    result = record(RecordOptions(output=out, scenario=ScenarioSpec("dirty_log", seed=1, size=300)))
+    details = storage.open_trace(out).metadata["scenario"]["details"]
+    rows = frame(pq.read_table(out))
+    rows = rows[rows.pid == result.scenario["pid"]]
+    vm = rows[rows.event == "ioctl_get_dirty_log"].vm.unique()
+    cap = rows[rows.event == "ioctl_enable_cap"]
+    assert cap[["cap", "value"]].values.tolist() == [details["enable_cap"]] == [[168, 1]]
+    assert cap.vm.tolist() == list(vm)
+    # 300 pages: two calls per round, [0, 128) then [128, 300) (its last word is partly past the slot)
+    clears = details["clears"]
+    assert [(c["first_page"], c["num_pages"]) for c in clears] == [(0, 128), (128, 172)] * 3
+    ioctls = rows[rows.event.isin(["ioctl_dirty_bitmap", "ioctl_clear_dirty_log"])]
+    got, words = [], []
+    for row in ioctls.itertuples():
+        if row.event == "ioctl_dirty_bitmap":
+            assert (row.slot_id, row.tid, row.vm) == (1, result.scenario["pid"], vm[0])
+            words.append((int(row.addr), int(row.value)))
+            continue
+        assert [page for page, _ in words] == list(range(row.addr, row.addr + row.count, 64))
+        got.append({"slot": row.slot_id, "first_page": row.addr, "num_pages": row.count, "words": row.size,
+                    "bitmap": [word for _, word in words]})
+        words = []
+    want = [{k: v for k, v in c.items() if k != "phase"} | {"words": len(c["bitmap"])} for c in clears]
+    assert got == want
+    assert [len(c["bitmap"]) for c in clears] == [2, 3] * 3 and all(any(c["bitmap"]) for c in clears)
+
+
 @pytest.mark.kvm
 def test_tracefs_backend_writes_the_same_events(touch: Recorded, tmp_path: Path) -> None:
     out = tmp_path / "tracefs.parquet"
@@ -178,6 +211,11 @@ def test_tracefs_backend_writes_the_same_events(touch: Recorded, tmp_path: Path)
     bcc_counts = {e: n for e, n in storage.open_trace(touch.result.path).event_counts().items()
                   if not e.startswith("ioctl_")}
     assert trace.event_counts() == bcc_counts
+    # The text lacks fault->map_writable; the host's zero pfn in the metadata decides read faults.
+    assert trace.metadata["zero_pfn"] == hostinfo.zero_pfn() is not None
+    verdict = replay_trace(out).to_json()
+    assert (verdict["mismatched"], verdict["missing"], verdict["extra"]) == (0, 0, 0)
+    assert "map_writable untraced (host page writability of a read fault)" not in verdict["undecidable_reasons"]
 
 
 @pytest.mark.bcc

@@ -29,7 +29,7 @@ TRACES = sorted(DATA.glob("*.parquet"))
 SCENARIOS = {p.stem for p in TRACES}
 #: Recorded with the bcc recorder's input probes (ioctls, struct kvm_page_fault, quota):
 #: ``mmutrace record --scenario NAME --size N --seed 1 -o tests/data/bcc/NAME.parquet``
-#: with N = 256 (pt_rewrite, mmu_pages_limit, memslot_churn, unmap_refault) and 4 (cr3_switch).
+#: with N = 256 (pt_rewrite, mmu_pages_limit, dirty_log, memslot_churn, unmap_refault) and 4 (cr3_switch).
 BCC_TRACES = sorted((DATA / "bcc").glob("*.parquet"))
 
 

@@ -156,7 +156,9 @@ def test_dirty_log_reports_exactly_the_written_pages() -> None:
     for r in rounds:
         assert r["exact"] and r["dirty"] == r["written"] == n // 4, r
         faults = gfns_in(rows(got.phase(r["phase"]), "kvm_mmu_set_spte", level=1), DATA_GFN, n)
-        assert len(faults) == r["written"], f"every logged page is write-protected again: {r['phase']}"
+        # Distinct gfns: a host page that moved under load (compaction, run by another process, so
+        # its unmap is outside this pid-filtered capture) refaults once more; seen once in CI-like load.
+        assert faults.nunique() == r["written"], f"every logged page is write-protected again: {r['phase']}"
 
 
 def test_mmu_pages_limit_evicts_during_faults() -> None:

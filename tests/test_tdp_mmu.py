@@ -19,15 +19,17 @@ import pytest
 
 from replay.decisions import KIND
 from replay.engine import replay_trace
-from replay.mmu import KvmPageFault
+from replay.mmu import R_CLEAR_MASK, R_MANUAL_PROTECT, KvmPageFault
 from replay.spte import PT_WRITABLE_MASK
 from replay.tdp_mmu import TDP_RULES
+from replay.tdp_replay import R_TEARDOWN
 from replay.versions import Split
 
 LAB = Path(__file__).resolve().parent.parent / "examples" / "lab"
 TRACES = sorted(LAB.glob("*/*.parquet"))
 TDP_TRACES = [p for p in TRACES if "-tdp-" in p.parent.name]
 BCC_TRACES = [p for p in TDP_TRACES if "-bcc" in p.parent.name]
+DIRTY_LOG_TRACES = [p for p in BCC_TRACES if p.stem == "dirty_log"]
 MMUTRACE = str(Path(sys.prefix) / "bin" / "mmutrace")
 
 
@@ -103,6 +105,7 @@ def test_version_rules_differ_where_tdp_mmu_c_did():
     r61, r612 = TDP_RULES["6.1"], TDP_RULES["6.12"]
     assert r61.zap_root_levels == (3, 4) and r612.zap_root_levels == (1, 2, 3, 4)
     assert not r61.split_huge_in_place and r612.split_huge_in_place
+    assert not r61.dirty_masked_valid_roots_only and r612.dirty_masked_valid_roots_only
 
 
 # ---- the split (RFC patch 9)
@@ -195,6 +198,66 @@ def test_dropping_one_zap_is_caught_at_the_next_event(tamper_source):
     assert (div["expected"]["gfn"], div["expected"]["level"], div["expected"]["old_spte"]) == \
         (dropped["gfn"], dropped["level"], dropped["old_spte"])
     assert div["ts_ns"] >= dropped["ts_ns"]
+
+
+# ---- the dirty-log harvest (KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG)
+
+#: `mmutrace replay --json` of each committed dirty_log trace: decisions, matched, undecidable.
+DIRTY_LOG_COUNTS = {"6.1-tdp-bcc": (5608, 5607, 1), "6.12-tdp-bcc": (5608, 5607, 1)}
+#: 3 GET rounds (manual protect off), then 3 rounds of two CLEARs: 256 pages written per round.
+HARVEST_WRITES = 6 * 256
+
+
+def harvest_rows(path: Path) -> list[int]:
+    """Rows of the write-protections the harvests made: a 4K leaf losing only W, outside a fault."""
+    out, in_harvest = [], False
+    for i, r in enumerate(pq.read_table(path, columns=["event", "level", "old_spte", "new_spte"]).to_pylist()):
+        if r["event"] in ("ioctl_get_dirty_log", "ioctl_clear_dirty_log"):
+            in_harvest = True
+        elif r["event"] == "ioctl_ret":
+            in_harvest = False
+        elif in_harvest and r["event"] == "kvm_tdp_mmu_spte_changed":
+            assert (r["level"], r["new_spte"]) == (1, r["old_spte"] & ~PT_WRITABLE_MASK)
+            out.append(i)
+    return out
+
+
+@pytest.mark.parametrize("path", DIRTY_LOG_TRACES, ids=trace_id)
+def test_dirty_log_harvest_is_predicted_write_protect_by_write_protect(path):
+    result = replay_json(path)
+    counts = (result["decisions"], result["matched"], result["undecidable"])
+    assert counts == DIRTY_LOG_COUNTS[path.parent.name]
+    assert result["undecidable_reasons"] == {R_TEARDOWN: 1}
+    assert len(harvest_rows(path)) == HARVEST_WRITES
+
+
+def test_a_trace_without_the_harvest_inputs_names_them(tmp_path):
+    """An older recording (no KVM_ENABLE_CAP, no CLEAR mask): GET and CLEAR harvests undecidable,
+    each under the input it lacks, and nothing diverges."""
+    src = next(p for p in DIRTY_LOG_TRACES if p.parent.name == "6.1-tdp-bcc")
+    table = pq.read_table(src)
+    keep = [e not in ("ioctl_enable_cap", "ioctl_dirty_bitmap") for e in table.column("event").to_pylist()]
+    table = table.filter(pa.array(keep)).drop(["cap"])
+    table = table.set_column(table.schema.get_field_index("size"), "size", pa.nulls(len(table), pa.uint32()))
+    meta = json.loads(table.schema.metadata[b"mmutrace"])
+    for event in ("ioctl_enable_cap", "ioctl_dirty_bitmap"):
+        del meta["event_inputs"][event]
+    old = tmp_path / "older.parquet"
+    pq.write_table(table.replace_schema_metadata({b"mmutrace": json.dumps(meta)}), old)
+    result = replay_json(old)
+    assert (result["mismatched"], result["missing"], result["extra"]) == (0, 0, 0)
+    assert result["undecidable_reasons"] == {R_MANUAL_PROTECT: 3 * 256, R_CLEAR_MASK: 3 * 256, R_TEARDOWN: 1}
+
+
+def test_dropping_one_harvest_write_protect_is_caught_there(tmp_path):
+    src, dst = DIRTY_LOG_TRACES[0], tmp_path / "tampered.parquet"
+    row = harvest_rows(src)[100]
+    dropped = rows(src)[row]
+    drop_row(src, dst, row)
+    div = only_divergence(dst)
+    assert div["verdict"] == "extra" and div["kind"] == "tdp_spte_changed"
+    assert (div["expected"]["gfn"], div["expected"]["old_spte"], div["expected"]["new_spte"]) == \
+        (dropped["gfn"], dropped["old_spte"], dropped["new_spte"])
 
 
 # ---- bad input

@@ -44,7 +44,8 @@ def record_bench(
 def replay_bench(
     trace: Path = typer.Argument(..., help="a trace of at least --min-events events, e.g. "
                                  "`mmutrace record --scenario touch --size 350000 -o big.parquet`"),
-    min_events: int = typer.Option(5_000_000, help="refuse smaller traces"),
+    min_events: int = typer.Option(5_000_000, help="refuse smaller traces (0 for a lab TDP trace)"),
+    repeat: int = typer.Option(1, help="run each job this many times over the trace (small traces)"),
     as_json: bool = typer.Option(False, "--json", help="print the figures as one JSON object"),
 ) -> None:
     """Replay events/s on one core against just reading the same Parquet file; peak RSS of each."""
@@ -55,11 +56,12 @@ def replay_bench(
 
     from replay.bench import bench_replay
 
-    figures = bench_replay(trace, min_events)
+    figures = bench_replay(trace, min_events, repeat)
     if as_json:
         typer.echo(json.dumps(figures))
         return
-    table = Table(title=f"mmutrace bench replay: {trace} ({figures['events']:,} events, one core)")
+    times = f" x {repeat}" if repeat > 1 else ""
+    table = Table(title=f"mmutrace bench replay: {trace} ({figures['events']:,} events{times}, one core)")
     for column in ("job", "CPU s", "wall s", "events/CPU s", "peak RSS MB"):
         table.add_column(column, justify="left" if column == "job" else "right")
     for job, label in (("arrow", "read (Arrow)"), ("read", "read + to Python"), ("replay", "replay")):

@@ -98,14 +98,15 @@ class Vm:
         ioctl(self.fd, uapi.KVM_GET_DIRTY_LOG, req, what=f"KVM_GET_DIRTY_LOG(slot {slot})")
         return np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:npages].astype(bool)
 
-    def clear_dirty_log(self, slot: int, dirty: np.ndarray) -> None:
-        """``KVM_CLEAR_DIRTY_LOG`` over the whole slot: re-protect the pages set in ``dirty``."""
-        npages = self.memslots[slot].npages
+    def clear_dirty_log(self, slot: int, dirty: np.ndarray, first_page: int = 0) -> np.ndarray:
+        """``KVM_CLEAR_DIRTY_LOG`` of pages [first_page, first_page + len(dirty)) (first_page a
+        multiple of 64): re-protect the pages set in ``dirty``.  Returns the mask as passed, 64-bit words."""
         bitmap = np.packbits(dirty.astype(np.uint8), bitorder="little")
         bitmap = np.concatenate([bitmap, np.zeros(-len(bitmap) % 8, np.uint8)])
-        req = uapi.kvm_clear_dirty_log(slot=slot, num_pages=npages, first_page=0,
+        req = uapi.kvm_clear_dirty_log(slot=slot, num_pages=len(dirty), first_page=first_page,
                                        dirty_bitmap=bitmap.ctypes.data)
         ioctl(self.fd, uapi.KVM_CLEAR_DIRTY_LOG, req, what=f"KVM_CLEAR_DIRTY_LOG(slot {slot})")
+        return bitmap.view(np.uint64)
 
     def set_nr_mmu_pages(self, goal: int) -> None:
         """``KVM_SET_NR_MMU_PAGES``: cap the shadow pages (kernel minimum 64, smaller is EINVAL)."""

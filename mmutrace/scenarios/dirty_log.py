@@ -9,8 +9,11 @@ re-protects the pages it is given.
 
 size = N data pages.  Phases: ``get_<r>`` for 3 rounds: the guest writes a seeded random quarter of
 the pages, the host reads the bitmap; ``clear_<r>`` (when the capability exists) for 3 rounds: the
-same, then CLEAR with the bitmap read.  ``details['rounds']`` lists, per round, the pages written
-and the pages the bitmap reported, and whether they are the same set.
+same, then CLEAR with the bitmap read, in two calls (pages below the 64-aligned half, then the rest,
+so that ``first_page`` is not always 0).  ``details['rounds']`` lists, per round, the pages written
+and the pages the bitmap reported, and whether they are the same set; ``details['enable_cap']`` the
+capability and ``args[0]`` enabled, ``details['clears']`` each CLEAR's slot, first page, page count
+and its mask as 64-bit words (what the recorder's ``ioctl_dirty_bitmap`` rows must carry).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ def run(ctx: ScenarioRun) -> None:
     vcpu = guest.add_vcpu(aspace)
     vm = guest.vm
     rounds: list[dict[str, object]] = []
+    clears: list[dict[str, object]] = []
+    half = (n // 2) & ~63
+    ranges = [(0, half), (half, n)] if half else [(0, n)]
 
     def write_round(label: str, clear: bool) -> None:
         ctx.phase(label)
@@ -38,7 +44,10 @@ def run(ctx: ScenarioRun) -> None:
         guest.run(vcpu, commands(OP_WRITE, page_addrs(pages), pages))
         dirty = vm.get_dirty_log(DATA_SLOT)
         if clear:
-            vm.clear_dirty_log(DATA_SLOT, dirty)
+            for first, end in ranges:
+                words = vm.clear_dirty_log(DATA_SLOT, dirty[first:end], first)
+                clears.append({"phase": label, "slot": DATA_SLOT, "first_page": first, "num_pages": end - first,
+                               "bitmap": [int(w) for w in words]})
         reported = np.flatnonzero(dirty)
         rounds.append({"phase": label, "written": len(pages), "dirty": len(reported),
                        "exact": bool(np.array_equal(reported, pages))})
@@ -48,10 +57,12 @@ def run(ctx: ScenarioRun) -> None:
     manual = vm.check_extension(uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
     if manual & uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
         vm.enable_cap(uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+        ctx.details["enable_cap"] = [uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE]
         for r in range(ROUNDS):
             write_round(f"clear_{r}", clear=True)
     ctx.details["manual_protect"] = bool(manual)
     ctx.details["rounds"] = rounds
+    ctx.details["clears"] = clears
 
 
 SCENARIO = Scenario(

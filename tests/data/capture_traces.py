@@ -9,9 +9,7 @@ Each scenario runs in this process under a private tracefs instance filtered by 
 
 from __future__ import annotations
 
-import mmap
 import os
-import struct
 import sys
 from pathlib import Path
 
@@ -54,26 +52,13 @@ DEFAULT = {"alias": 32, "touch": 256, "pt_rewrite": 64, "cr3_switch": 4, "unmap_
            "dirty_log": 64, "mmu_pages_limit": 256, "hugepages": 8, "mmio": 32, "multi_vcpu": 128}
 
 
-def zero_pfn() -> int:
-    """The pfn of the host's shared zero page: what a read of untouched anonymous memory maps."""
-    page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
-    view = np.frombuffer(page, dtype=np.uint8)
-    assert view[0] == 0
-    with open("/proc/self/pagemap", "rb") as pagemap:
-        pagemap.seek(view.ctypes.data // mmap.PAGESIZE * 8)
-        entry = struct.unpack("<Q", pagemap.read(8))[0]
-    del view
-    page.close()
-    return entry & ((1 << 55) - 1)
-
-
 def capture(name: str, size: int, out: Path) -> Path:
     with Capture(tgid=os.getpid()) as cap:
         result = ALIAS.run(1, size) if name == "alias" else run_scenario(name, seed=1, size=size)
     table = cap.table()
     lost = {str(cpu): n for cpu, n in cap.lost_by_cpu.items()}
     meta = {**host_metadata(), "schema_version": schema.SCHEMA_VERSION, "recorder": "tracefs", "origin": "host",
-            "zero_pfn": zero_pfn(), "lost": lost, "lost_total": sum(lost.values()), "start_ns": cap.start_ns, "stop_ns": cap.stop_ns,
+            "lost": lost, "lost_total": sum(lost.values()), "start_ns": cap.start_ns, "stop_ns": cap.stop_ns,
             "scenario": {"name": name, "seed": 1, "size": size}, "markers": [
                 {"ts_ns": ts, "text": text} for ts, text in result.markers], "complete": True,
             "command": ["tests/data/capture_traces.py", f"{name}={size}"]}

@@ -1,0 +1,40 @@
+"""`mmutrace bench replay` as a command (its figures are measurements: only what is exact is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mmutrace.storage import open_trace
+from replay.engine import replay_trace
+
+LAB_TDP = Path(__file__).parent.parent / "examples" / "lab" / "6.1-tdp-bcc" / "memslot_churn.parquet"
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from mmutrace.cli import main; main()", "bench", "replay", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_replay_bench_on_a_small_lab_trace_repeats_each_job() -> None:
+    """A lab TDP trace is far under the 5M-event floor: --min-events 0 --repeat N still times it."""
+    proc = _bench(str(LAB_TDP), "--min-events", "0", "--repeat", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    rows = open_trace(LAB_TDP).num_rows
+    assert (figures["events"], figures["repeat"]) == (rows, 3)
+    assert [figures[job]["events"] for job in ("arrow", "read", "replay")] == [3 * rows] * 3
+    expected = replay_trace(LAB_TDP).to_json()
+    assert figures["replay"]["verdicts"] == {k: expected[k] for k in figures["replay"]["verdicts"]}
+    assert figures["replay"]["verdicts"]["decisions"] == expected["decisions"] > 0
+    assert figures["replay_vs_arrow_read"] > 0 and figures["replay_vs_python_read"] > 0
+
+
+def test_replay_bench_refuses_what_it_cannot_measure() -> None:
+    small = _bench(str(LAB_TDP))
+    assert small.returncode == 2 and small.stderr.count("\n") == 1
+    assert f"has {open_trace(LAB_TDP).num_rows:,} events; the benchmark needs at least 5,000,000" in small.stderr
+    zero = _bench(str(LAB_TDP), "--min-events", "0", "--repeat", "0")
+    assert (zero.returncode, zero.stderr) == (2, "mmutrace: --repeat must be at least 1, not 0\n")
