@@ -1,12 +1,12 @@
-"""Bulk consumer of the probes' BPF ring buffer, and the decoder of its records into schema columns.
+"""Bulk consumer of the probes' BPF ring buffers, and the decoder of their records into schema columns.
 
-No per-event Python: the ring buffer map is mmapped (kernel/bpf/ringbuf.c layout: the consumer
+No per-event Python: each ring buffer map (probes.layout.RINGS: full records and small ones) is mmapped (kernel/bpf/ringbuf.c layout: the consumer
 page at offset 0, read-write; the producer page and then the data pages, mapped twice so a record
 never wraps, at offset PAGE_SIZE, read-only), every committed record between ``consumer_pos`` and
 ``producer_pos`` is copied out at once, and ``consumer_pos`` is advanced past them: as one numpy
 structured array (``drain``), or, on the recorder's hot path, written raw to a spool file with one
-``write`` (``drain_to``; mmutrace.spool decodes it off the hot path).  ``decode`` then builds each schema column for the whole batch at once from the per-event slot
-table in probes/layout.py.
+``write`` (``drain_to``; mmutrace.spool decodes it off the hot path).  ``decode`` then builds each schema
+column for the whole batch at once from the per-event slot table in probes/layout.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from mmutrace import schema
-from probes.layout import RECORD_DTYPE, SLOTS
+from probes.layout import RINGS, SLOTS, widen
 
 PAGE_SIZE = mmap.PAGESIZE
 #: bpf_ringbuf_hdr.len flags (include/uapi/linux/bpf.h).
@@ -26,23 +26,32 @@ BPF_RINGBUF_BUSY_BIT = 1 << 31
 BPF_RINGBUF_DISCARD_BIT = 1 << 30
 BPF_RINGBUF_HDR_SZ = 8
 
-#: A ring record: ``struct bpf_ringbuf_hdr`` then ``struct mmu_record``.  All records have this size
-#: (8-byte aligned), so the records between two positions sit at a fixed stride.
-RING_DTYPE = np.dtype([("len", "<u4"), ("pgoff", "<u4"), ("rec", RECORD_DTYPE)])
-assert RING_DTYPE.itemsize % 8 == 0
+
+
+def ring_dtype(record: np.dtype) -> np.dtype:
+    """A ring record: ``struct bpf_ringbuf_hdr`` then the ``struct mmu_record``.  All records of one
+    ring have this size (8-byte aligned), so the records between two positions sit at a fixed stride."""
+    dtype = np.dtype([("len", "<u4"), ("pgoff", "<u4"), ("rec", record)])
+    assert dtype.itemsize % 8 == 0
+    return dtype
+
+
+#: The ring records of each ring (probes.layout.RINGS), by map name.
+RING_DTYPES = {name: ring_dtype(record) for name, record in RINGS.items()}
 
 
 def kept_records(ring: np.ndarray) -> np.ndarray:
-    """The ``struct mmu_record``s of committed ring records (RING_DTYPE), DISCARDed ones left out."""
+    """The ``struct mmu_record``s of committed ring records, DISCARDed ones left out."""
     return ring["rec"][(ring["len"] & BPF_RINGBUF_DISCARD_BIT) == 0]
 
 
 class RingBuffer:
-    """The mmapped ring buffer of map ``fd`` holding ``data_size`` bytes of records."""
+    """The mmapped ring buffer of map ``fd`` holding ``data_size`` bytes of ``dtype`` ring records."""
 
-    def __init__(self, fd: int, data_size: int) -> None:
-        if data_size % RING_DTYPE.itemsize:
-            raise ValueError(f"ring size {data_size} is not a multiple of the record size {RING_DTYPE.itemsize}")
+    def __init__(self, fd: int, data_size: int, dtype: np.dtype) -> None:
+        if data_size % dtype.itemsize:
+            raise ValueError(f"ring size {data_size} is not a multiple of the record size {dtype.itemsize}")
+        self.dtype = dtype
         self.data_size = data_size
         self._consumer_map = mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._producer_map = mmap.mmap(fd, PAGE_SIZE + 2 * data_size, mmap.MAP_SHARED, mmap.PROT_READ,
@@ -61,18 +70,19 @@ class RingBuffer:
         CPUs, and the consumer must not pass one that is not done.
         """
         cons = int(self._consumer_pos[0])
-        n = min((int(self._producer_pos[0]) - cons) // RING_DTYPE.itemsize, max_records)
+        n = min((int(self._producer_pos[0]) - cons) // self.dtype.itemsize, max_records)
         start = cons % self.data_size
-        ring = self._data[start: start + max(n, 0) * RING_DTYPE.itemsize].view(RING_DTYPE)
+        ring = self._data[start: start + max(n, 0) * self.dtype.itemsize].view(self.dtype)
         busy = np.flatnonzero(ring["len"] & BPF_RINGBUF_BUSY_BIT)
         return cons, ring[: busy[0]] if len(busy) else ring
 
     def _release(self, cons: int, ring: np.ndarray) -> None:
         """Give the space of ``ring`` (the records taken from ``cons`` on) back to the producers."""
-        self._consumer_pos[0] = cons + len(ring) * RING_DTYPE.itemsize
+        self._consumer_pos[0] = cons + len(ring) * self.dtype.itemsize
 
     def drain(self, max_records: int = 1 << 20) -> np.ndarray:
-        """Copy out up to ``max_records`` committed records (RECORD_DTYPE) and release their space."""
+        """Copy out up to ``max_records`` committed records (the ring's record dtype) and release
+        their space."""
         cons, ring = self._committed(max_records)
         records = kept_records(ring).copy()
         self._release(cons, ring)
@@ -93,6 +103,27 @@ class RingBuffer:
         del self._consumer_pos, self._producer_pos, self._data
         self._consumer_map.close()
         self._producer_map.close()
+
+
+class Rings:
+    """The probes' ring buffers (``fds``: map name -> fd, each ``data_size`` bytes), used together."""
+
+    def __init__(self, fds: dict[str, int], data_size: int) -> None:
+        self.rings: dict[str, RingBuffer] = {}
+        try:
+            for name, fd in fds.items():
+                self.rings[name] = RingBuffer(fd, data_size, RING_DTYPES[name])
+        except BaseException:
+            self.close()
+            raise
+
+    def drain(self) -> np.ndarray:
+        """Every committed record of every ring, as RECORD_DTYPE (in no particular order)."""
+        return np.concatenate([widen(ring.drain()) for ring in self.rings.values()])
+
+    def close(self) -> None:
+        for ring in self.rings.values():
+            ring.close()
 
 
 # --------------------------------------------------------------------------------------------
