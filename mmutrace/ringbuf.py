@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from mmutrace import schema
-from probes.layout import RINGS, SLOTS, widen
+from probes.layout import RINGS, SLOTS
 
 PAGE_SIZE = mmap.PAGESIZE
 #: bpf_ringbuf_hdr.len flags (include/uapi/linux/bpf.h).
@@ -117,9 +118,9 @@ class Rings:
             self.close()
             raise
 
-    def drain(self) -> np.ndarray:
-        """Every committed record of every ring, as RECORD_DTYPE (in no particular order)."""
-        return np.concatenate([widen(ring.drain()) for ring in self.rings.values()])
+    def drain(self) -> list[np.ndarray]:
+        """Every committed record, one batch per ring (``decode`` takes them as they are)."""
+        return [ring.drain() for ring in self.rings.values()]
 
     def close(self) -> None:
         for ring in self.rings.values():
@@ -136,43 +137,50 @@ _NUMPY_TYPES = {f.name: np.dtype(bool) if pa.types.is_boolean(f.type) else np.dt
                 for f in schema.FIELD_COLUMNS}
 
 
-def decode(records: np.ndarray) -> dict[str, pa.Array]:
-    """Schema columns (name -> Arrow array) for a batch of records of any mix of events.
+def decode(batches: Sequence[np.ndarray]) -> dict[str, pa.Array]:
+    """Schema columns (name -> Arrow array) for batches of records of any mix of events, one
+    batch per ring (each its own record dtype), as the rows of the batches one after the other.
 
-    Works per event kind present in the batch (a handful), on that kind's rows only, so the cost is
-    the number of fields actually recorded, not rows times columns.  Slot values are u64: signed
+    Works per batch and event kind present in it (a handful), on that kind's rows only, so the cost
+    is the number of fields actually recorded, not rows times columns.  Slot values are u64: signed
     fields arrive sign-extended (the C casts them) or as their low bits (packed slots), so a
     truncating cast gives the value either way.
     """
-    n = len(records)
-    events = records["event"]
-    vcpu, vm = records["vcpu"], records["vm"]
+    header = {name: np.concatenate([b[name] for b in batches])
+              for name in ("ts_ns", "cpu", "seq", "pid", "tid", "vm", "vcpu", "event")}
+    n = len(header["ts_ns"])
+    vcpu, vm = header["vcpu"], header["vm"]
     columns: dict[str, pa.Array] = {
-        "ts_ns": pa.array(records["ts_ns"], pa.uint64()),
-        "cpu": pa.array(records["cpu"], pa.uint16()),
-        "seq": pa.array(records["seq"], pa.uint32()),
-        "pid": pa.array(records["pid"], pa.int32()),
-        "tid": pa.array(records["tid"], pa.int32()),
+        "ts_ns": pa.array(header["ts_ns"], pa.uint64()),
+        "cpu": pa.array(header["cpu"], pa.uint16()),
+        "seq": pa.array(header["seq"], pa.uint32()),
+        "pid": pa.array(header["pid"], pa.int32()),
+        "tid": pa.array(header["tid"], pa.int32()),
         "vm": pa.array(vm, pa.uint64(), mask=vm == 0),
         "vcpu": pa.array(vcpu, pa.int32(), mask=vcpu < 0),
-        "event": pa.DictionaryArray.from_arrays(pa.array(events.astype(np.int16)), EVENT_NAMES),
+        "event": pa.DictionaryArray.from_arrays(pa.array(header["event"].astype(np.int16)), EVENT_NAMES),
     }
     values: dict[str, np.ndarray] = {}
     valid: dict[str, np.ndarray] = {}
-    counts = np.bincount(events, minlength=len(_SLOTS_BY_ID))
-    for event_id in np.flatnonzero(counts):
-        rows = np.flatnonzero(events == event_id)
-        fields, nulls = records["f"][rows], records["nulls"][rows]
-        for slot in _SLOTS_BY_ID[event_id]:
-            column = slot.column
-            if column not in values:
-                values[column] = np.zeros(n, _NUMPY_TYPES[column])
-                valid[column] = np.zeros(n, bool)
-            raw = fields[:, slot.index]
-            if slot.bits < 64:
-                raw = (raw >> np.uint64(slot.shift)) & np.uint64((1 << slot.bits) - 1)
-            values[column][rows] = raw if column not in _SIGNED_COLUMNS else raw.view(np.int64)
-            valid[column][rows] = (nulls & (1 << slot.index)) == 0
+    start = 0
+    for records in batches:
+        events = records["event"]
+        counts = np.bincount(events, minlength=len(_SLOTS_BY_ID))
+        for event_id in np.flatnonzero(counts):
+            rows = np.flatnonzero(events == event_id)
+            fields, nulls = records["f"][rows], records["nulls"][rows]
+            rows += start
+            for slot in _SLOTS_BY_ID[event_id]:
+                column = slot.column
+                if column not in values:
+                    values[column] = np.zeros(n, _NUMPY_TYPES[column])
+                    valid[column] = np.zeros(n, bool)
+                raw = fields[:, slot.index]
+                if slot.bits < 64:
+                    raw = (raw >> np.uint64(slot.shift)) & np.uint64((1 << slot.bits) - 1)
+                values[column][rows] = raw if column not in _SIGNED_COLUMNS else raw.view(np.int64)
+                valid[column][rows] = (nulls & (1 << slot.index)) == 0
+        start += len(records)
     for column, array in values.items():
         columns[column] = pa.array(array, schema.COLUMN_TYPES[column], mask=~valid[column])
     return columns

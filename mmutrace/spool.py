@@ -38,7 +38,6 @@ import pyarrow.parquet as pq
 from mmutrace import schema, storage
 from mmutrace.errors import HostError
 from mmutrace.ringbuf import RING_DTYPES, Rings, decode, kept_records
-from probes.layout import widen
 
 #: A chunk is handed to the converter when it holds this many records (one row group) ...
 CHUNK_RECORDS = 1 << 18
@@ -72,16 +71,11 @@ def chunk_path(partial: Path, chunk: str, ring: str) -> Path:
 
 
 def chunk_records(path: Path) -> np.ndarray:
-    """The kept records of one chunk file as RECORD_DTYPE: whole records only (a killed recorder's
-    last chunk may end mid-record), DISCARDed ones left out."""
+    """The kept records of one chunk file (its ring's record dtype): whole records only (a killed
+    recorder's last chunk may end mid-record), DISCARDed ones left out."""
     dtype = RING_DTYPES[path.name.split(".")[1]]
     raw = np.fromfile(path, np.uint8)
-    return widen(kept_records(raw[: len(raw) - len(raw) % dtype.itemsize].view(dtype)))
-
-
-def read_chunk(partial: Path, chunk: str) -> np.ndarray:
-    """Every ring's records of chunk ``chunk``, as RECORD_DTYPE."""
-    return np.concatenate([chunk_records(chunk_path(partial, chunk, ring)) for ring in RING_DTYPES])
+    return kept_records(raw[: len(raw) - len(raw) % dtype.itemsize].view(dtype))
 
 
 def repair(path: str | os.PathLike[str]) -> Path:
@@ -100,7 +94,7 @@ def repair(path: str | os.PathLike[str]) -> Path:
         for chunk in chunks:
             records = chunk_records(chunk)
             keys = records["cpu"].astype(np.uint64) << np.uint64(32) | records["seq"].astype(np.uint64)
-            storage.append_segment(partial, decode(records[~np.isin(keys, flushed)]), metadata, CHUNK_RECORDS)
+            storage.append_segment(partial, decode([records[~np.isin(keys, flushed)]]), metadata, CHUNK_RECORDS)
             chunk.unlink()
     lost_file = partial / LOST_NAME
     if not lost_file.exists():
@@ -270,9 +264,10 @@ def _convert(recorder: int) -> int:
         message = json.loads(line)
         if "chunk" in message:
             partial = storage.partial_dir(writer.path)
-            writer.write_batch(decode(read_chunk(partial, message["chunk"])))
-            for ring in RING_DTYPES:
-                chunk_path(partial, message["chunk"], ring).unlink()
+            paths = [chunk_path(partial, message["chunk"], ring) for ring in RING_DTYPES]
+            writer.write_batch(decode([chunk_records(path) for path in paths]))
+            for path in paths:
+                path.unlink()
             continue
         writer.update_metadata(**message["end"])
         writer.close(complete=message["complete"])

@@ -34,17 +34,6 @@ assert RECORD_DTYPE.itemsize == 40 + 8 * NR_SLOTS
 RINGS = {"events": RECORD_DTYPE, "small_events": record_dtype(SMALL_SLOTS)}
 
 
-def widen(records: np.ndarray) -> np.ndarray:
-    """Records of any ring as RECORD_DTYPE (slots beyond theirs zero), for one decoder."""
-    if records.dtype == RECORD_DTYPE:
-        return records
-    wide = np.zeros(len(records), RECORD_DTYPE)
-    for name in RECORD_DTYPE.names:
-        if name != "f":
-            wide[name] = records[name]
-    wide["f"][:, : records.dtype["f"].shape[0]] = records["f"]
-    return wide
-
 
 @dataclass(frozen=True)
 class Slot:
