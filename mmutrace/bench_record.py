@@ -13,8 +13,9 @@ The guest's speed is measured between the scenario's own ``touch:seq_read`` and 
 markers (CLOCK_MONOTONIC, taken by the guest's host thread), so Python set-up of page tables and
 the recorder's start-up do not count.  Its CPU time between the same markers (the vCPU thread's
 user and system time, probes and tracepoints included) is reported too: on a loaded machine the
-wall time also counts waiting for a core, the CPU time only what the guest and its tracing cost.  Faults are the ``kvm_mmu_spte_requested`` events of the bcc
-run (the scenario is deterministic, so every run takes the same faults).
+wall time also counts waiting for a core, the CPU time only what the guest and its tracing cost.
+Faults are the ``kvm_mmu_spte_requested`` events of the bcc run (the scenario is deterministic, so
+every run takes the same faults).
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Bulk consumer of the probes' BPF ring buffers, and the decoder of their records into schema columns.
 
-No per-event Python: each ring buffer map (probes.layout.RINGS: full records and small ones) is mmapped (kernel/bpf/ringbuf.c layout: the consumer
-page at offset 0, read-write; the producer page and then the data pages, mapped twice so a record
-never wraps, at offset PAGE_SIZE, read-only), every committed record between ``consumer_pos`` and
-``producer_pos`` is copied out at once, and ``consumer_pos`` is advanced past them: as one numpy
-structured array (``drain``), or, on the recorder's hot path, written raw to a spool file with one
-``write`` (``drain_to``; mmutrace.spool decodes it off the hot path).  ``decode`` then builds each schema
-column for the whole batch at once from the per-event slot table in probes/layout.py.
+No per-event Python: each ring buffer map (probes.layout.RINGS: full records and small ones) is
+mmapped (kernel/bpf/ringbuf.c layout: the consumer page at offset 0, read-write; the producer page
+and then the data pages, mapped twice so a record never wraps, at offset PAGE_SIZE, read-only),
+every committed record between ``consumer_pos`` and ``producer_pos`` is copied out at once, and
+``consumer_pos`` is advanced past them: as one numpy structured array (``drain``), or, on the
+recorder's hot path, written raw to a spool file with one ``write`` (``drain_to``; mmutrace.spool
+decodes it off the hot path).  ``decode`` then builds each schema column for the whole batch at
+once from the per-event slot table in probes/layout.py.
 """
 
 from __future__ import annotations

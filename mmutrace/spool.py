@@ -5,8 +5,9 @@ speed makes ~1.5M events/s, and on a small machine a recorder doing that work ne
 takes CPU from the vCPU.  So the recording process only copies the committed ring records (their
 ``bpf_ringbuf_hdr`` included) into chunk files of the recording's hidden partial directory (a
 chunk is one file per ring, ``spool-NNNNNN.<ring>.bin``, with ``spool.json`` describing the record
-layouts beside them) and advances ``consumer_pos``: one ``write`` per ring and poll, at memcpy speed.  A converter child (``python -m
-mmutrace.spool``), at nice 19 so the vCPU keeps its core, owns the storage.TraceWriter: it decodes
+layouts beside them) and advances ``consumer_pos``: one ``write`` per ring and poll, at memcpy
+speed.  A converter child (``python -m mmutrace.spool``), at nice 19 so the vCPU keeps its core,
+owns the storage.TraceWriter: it decodes
 each chunk the recorder hands over, writes its rows (segments, as before) and deletes the chunk, and
 finalizes the file once the recorder says the recording ended.
 
@@ -60,7 +61,8 @@ def spool_layout(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """What ``spool.json`` says: the chunks' record layout, and the recording's metadata so that
     ``repair`` can turn chunks into a trace even when the converter never wrote a segment."""
     return {"chunks": "spool-NNNNNN.<ring>.bin",
-            "rings": {name: {"record_size": dtype.itemsize, "dtype": dtype.descr} for name, dtype in RING_DTYPES.items()},
+            "rings": {name: {"record_size": dtype.itemsize, "dtype": dtype.descr}
+                      for name, dtype in RING_DTYPES.items()},
             "header": "struct bpf_ringbuf_hdr: len (bit 31 busy, bit 30 discard), pg_off",
             "events": [e.name for e in schema.EVENTS], "metadata": dict(metadata)}
 

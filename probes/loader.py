@@ -97,8 +97,9 @@ def program_text(events: list[str], filtered: bool, kernel: btf.Btf | None = Non
     """The C with its ``#define`` prologue: layout from BTF, event ids, the selection and filter."""
     kernel = kernel or btf.vmlinux()
     body = SOURCE.read_text()
-    lines = [f"#define NR_SLOTS {NR_SLOTS}", f"#define SMALL_SLOTS {SMALL_SLOTS}", f"#define NR_EVENTS {len(schema.EVENTS)}",
-             f"#define RINGBUF_PAGES {RINGBUF_PAGES}", f"#define FILTER {int(filtered)}"]
+    lines = [f"#define NR_SLOTS {NR_SLOTS}", f"#define SMALL_SLOTS {SMALL_SLOTS}",
+             f"#define NR_EVENTS {len(schema.EVENTS)}", f"#define RINGBUF_PAGES {RINGBUF_PAGES}",
+             f"#define FILTER {int(filtered)}"]
     for i, kind in enumerate(schema.EVENTS):
         lines += [f"#define EV_{kind.name} {i}", f"#define WANT_{kind.name} {int(kind.name in events)}",
                   f"#define SMALL_{kind.name} {int(is_small(kind.name))}"]
