@@ -22,14 +22,21 @@ def default_sinks() -> list[Path]:
 
 
 class Markers:
-    """Collects ``(monotonic ns, text)`` pairs in ``log`` and writes each text to every sink."""
+    """Collects ``(monotonic ns, text)`` pairs in ``log`` and writes each text to every sink.
+
+    ``cpu_ns`` holds the emitting thread's CPU time at each marker: a scenario's vCPU runs on that
+    thread, so the difference between two markers is what the guest cost the host CPU in between,
+    whatever else the machine runs (mmutrace bench record).
+    """
 
     def __init__(self, sinks: list[Path | str] | None = None) -> None:
         self.sinks = [Path(p) for p in (default_sinks() if sinks is None else sinks)]
         self.log: list[tuple[int, str]] = []
+        self.cpu_ns: list[int] = []
 
     def emit(self, text: str) -> None:
         self.log.append((time.clock_gettime_ns(time.CLOCK_MONOTONIC), text))
+        self.cpu_ns.append(time.thread_time_ns())
         data = text.encode()
         for sink in self.sinks:
             fd = os.open(sink, os.O_WRONLY | os.O_APPEND)  # one record per write; appends to plain files

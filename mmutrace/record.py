@@ -323,13 +323,13 @@ def _run(opts: RecordOptions, child: Child | None, step: Callable[[], None],
 def _record_bcc(opts: RecordOptions, command: list[str] | None, status: bool) -> RecordResult:
     """The ring is spooled raw while the target runs; a nice-19 converter child decodes and writes
     the Parquet file (mmutrace.spool), so the recorder itself keeps up with a vCPU at full speed."""
-    from mmutrace.ringbuf import RingBuffer
+    from mmutrace.ringbuf import Rings
     from mmutrace.spool import Spool
     from probes.loader import RINGBUF_PAGES, MmuProbes
 
     targeted = opts.pid is not None or command is not None
     probes = MmuProbes(opts.events, [opts.pid] if opts.pid is not None else ([] if targeted else None))
-    ring = RingBuffer(probes.ring_fd, RINGBUF_PAGES * os.sysconf("SC_PAGE_SIZE"))
+    rings = Rings(probes.ring_fds, RINGBUF_PAGES * os.sysconf("SC_PAGE_SIZE"))
     cpu0 = time.process_time()
     meta = _base_metadata(opts)
     meta["probes"] = probes.probes
@@ -339,7 +339,7 @@ def _record_bcc(opts: RecordOptions, command: list[str] | None, status: bool) ->
         with stop_on_sigterm(), Spool(opts.output, meta, force=opts.force, lost=probes.lost) as spool:
 
             def step() -> None:
-                if not spool.take(ring):
+                if not spool.take(rings):
                     time.sleep(POLL_INTERVAL_S)
 
             if command is not None:
@@ -348,7 +348,7 @@ def _record_bcc(opts: RecordOptions, command: list[str] | None, status: bool) ->
             stop_reason, child_status = _run(
                 opts, child, step, lambda: (spool.records, sum(probes.lost().values()), spool.bytes), status)
             # The target is gone or stopped: everything it emitted is committed; take the rest.
-            while spool.take(ring):
+            while spool.take(rings):
                 pass
             hits = probes.hits()
             events, result_meta = spool.finish(
@@ -357,7 +357,7 @@ def _record_bcc(opts: RecordOptions, command: list[str] | None, status: bool) ->
     finally:
         if child is not None and child.proc.returncode is None:
             child.finish()
-        ring.close()
+        rings.close()
         probes.close()
     return RecordResult(opts.output, events, result_meta["lost_total"], hits, stop_reason, child_status,
                         result_meta.get("scenario"), time.process_time() - cpu0 + spool.convert_cpu_s,

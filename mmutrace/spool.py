@@ -3,10 +3,11 @@
 Decoding, sorting and Parquet-encoding an event costs ~1.7 µs of CPU; one vCPU faulting at full
 speed makes ~1.5M events/s, and on a small machine a recorder doing that work next to the guest
 takes CPU from the vCPU.  So the recording process only copies the committed ring records (their
-``bpf_ringbuf_hdr`` included) into chunk files of the recording's hidden partial directory
-(``spool-NNNNNN.bin``, with ``spool.json`` describing the record layout beside them) and advances
-``consumer_pos``: one ``write`` per poll, at memcpy speed.  A converter child (``python -m
-mmutrace.spool``), at nice 19 so the vCPU keeps its core, owns the storage.TraceWriter: it decodes
+``bpf_ringbuf_hdr`` included) into chunk files of the recording's hidden partial directory (a
+chunk is one file per ring, ``spool-NNNNNN.<ring>.bin``, with ``spool.json`` describing the record
+layouts beside them) and advances ``consumer_pos``: one ``write`` per ring and poll, at memcpy
+speed.  A converter child (``python -m mmutrace.spool``), at nice 19 so the vCPU keeps its core,
+owns the storage.TraceWriter: it decodes
 each chunk the recorder hands over, writes its rows (segments, as before) and deletes the chunk, and
 finalizes the file once the recorder says the recording ended.
 
@@ -37,9 +38,9 @@ import pyarrow.parquet as pq
 
 from mmutrace import schema, storage
 from mmutrace.errors import HostError
-from mmutrace.ringbuf import RING_DTYPE, RingBuffer, decode, kept_records
+from mmutrace.ringbuf import RING_DTYPES, Rings, decode, kept_records
 
-#: A chunk is handed to the converter when it holds this many records (32 MiB, one row group) ...
+#: A chunk is handed to the converter when it holds this many records (one row group) ...
 CHUNK_RECORDS = 1 << 18
 #: ... or is this old, so segments (what a SIGKILL keeps) follow the recording closely.
 CHUNK_SECONDS = 0.5
@@ -59,9 +60,24 @@ _PR_SET_PDEATHSIG = 1
 def spool_layout(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """What ``spool.json`` says: the chunks' record layout, and the recording's metadata so that
     ``repair`` can turn chunks into a trace even when the converter never wrote a segment."""
-    return {"chunks": "spool-*.bin", "record_size": RING_DTYPE.itemsize, "dtype": RING_DTYPE.descr,
+    return {"chunks": "spool-NNNNNN.<ring>.bin",
+            "rings": {name: {"record_size": dtype.itemsize, "dtype": dtype.descr}
+                      for name, dtype in RING_DTYPES.items()},
             "header": "struct bpf_ringbuf_hdr: len (bit 31 busy, bit 30 discard), pg_off",
             "events": [e.name for e in schema.EVENTS], "metadata": dict(metadata)}
+
+
+def chunk_path(partial: Path, chunk: str, ring: str) -> Path:
+    """The file of ``ring``'s records in chunk ``chunk`` (``spool-NNNNNN``)."""
+    return partial / f"{chunk}.{ring}.bin"
+
+
+def chunk_records(path: Path) -> np.ndarray:
+    """The kept records of one chunk file (its ring's record dtype): whole records only (a killed
+    recorder's last chunk may end mid-record), DISCARDed ones left out."""
+    dtype = RING_DTYPES[path.name.split(".")[1]]
+    raw = np.fromfile(path, np.uint8)
+    return kept_records(raw[: len(raw) - len(raw) % dtype.itemsize].view(dtype))
 
 
 def repair(path: str | os.PathLike[str]) -> Path:
@@ -78,10 +94,9 @@ def repair(path: str | os.PathLike[str]) -> Path:
         metadata = json.loads((partial / LAYOUT_NAME).read_text())["metadata"]
         flushed = _flushed_keys(partial)
         for chunk in chunks:
-            raw = np.fromfile(chunk, np.uint8)
-            records = kept_records(raw[: len(raw) - len(raw) % RING_DTYPE.itemsize].view(RING_DTYPE))
+            records = chunk_records(chunk)
             keys = records["cpu"].astype(np.uint64) << np.uint64(32) | records["seq"].astype(np.uint64)
-            storage.append_segment(partial, decode(records[~np.isin(keys, flushed)]), metadata, CHUNK_RECORDS)
+            storage.append_segment(partial, decode([records[~np.isin(keys, flushed)]]), metadata, CHUNK_RECORDS)
             chunk.unlink()
     lost_file = partial / LOST_NAME
     if not lost_file.exists():
@@ -112,7 +127,7 @@ def _stop_signals_ignored() -> Iterator[None]:
 
 
 class Spool:
-    """Spools a ring buffer into chunk files that a converter child turns into the trace ``output``.
+    """Spools ring buffers into chunk files that a converter child turns into the trace ``output``.
 
     A context manager that ends the recording however the block ends, with TraceWriter's rule:
     normally or by KeyboardInterrupt/SystemExit the file is ``complete``, otherwise it is not.
@@ -123,8 +138,9 @@ class Spool:
         self.partial = storage.partial_dir(output)
         self._lost = lost  # the probes' per-CPU loss counters, saved with every chunk for repair
         self.records = 0  # spooled so far
+        self.bytes = 0  # their ring records' bytes
         self.convert_cpu_s = 0.0
-        self._fd: int | None = None
+        self._fds: dict[str, int] = {}  # the current chunk's file per ring, while one is open
         self._ready: list[str] = []  # closed chunks not yet handed to the converter
         self._quiet = True  # the spool rate was below QUIET_RATE in the last RATE_WINDOW_S
         self._window_start, self._window_records = time.monotonic(), 0
@@ -142,10 +158,6 @@ class Spool:
                 raise HostError(f"the spool converter did not start (status {self._proc.wait()})")
         (self.partial / LAYOUT_NAME).write_text(json.dumps(spool_layout(metadata)))
 
-    @property
-    def bytes(self) -> int:
-        return self.records * RING_DTYPE.itemsize
-
     def _send(self, message: Mapping[str, Any]) -> None:
         assert self._proc.stdin is not None
         try:
@@ -156,13 +168,17 @@ class Spool:
             raise HostError(f"the spool converter died (status {self._proc.wait()}); what it wrote is in "
                             f"{self.partial}: run 'mmutrace repair'") from None
 
-    def take(self, ring: RingBuffer) -> int:
-        """Spool the ring's committed records; returns how many (0: the ring was empty)."""
-        if self._fd is None:
-            path = self.partial / f"spool-{self._chunks:06d}.bin"
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    def take(self, rings: Rings) -> int:
+        """Spool the rings' committed records; returns how many (0: the rings were empty)."""
+        if not self._fds:
+            self._fds = {ring: os.open(chunk_path(self.partial, self._chunk_name(), ring),
+                                       os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) for ring in rings.rings}
             self._opened = time.monotonic()
-        n = ring.drain_to(self._fd, CHUNK_RECORDS - self._chunk_records)
+        n = 0
+        for name, ring in rings.rings.items():
+            taken = ring.drain_to(self._fds[name], CHUNK_RECORDS - self._chunk_records - n)
+            self.bytes += taken * ring.dtype.itemsize
+            n += taken
         self._chunk_records += n
         self.records += n
         if self._chunk_records >= CHUNK_RECORDS or (
@@ -181,15 +197,18 @@ class Spool:
             self._quiet = self._window_records < QUIET_RATE * (now - self._window_start)
             self._window_start, self._window_records = now, 0
 
+    def _chunk_name(self) -> str:
+        return f"spool-{self._chunks:06d}"
+
     def _close_chunk(self) -> None:
         """Close the current chunk and queue it for the converter."""
-        assert self._fd is not None
-        os.close(self._fd)
+        for fd in self._fds.values():
+            os.close(fd)
         lost = self.partial / LOST_NAME
         lost.with_suffix(".tmp").write_text(json.dumps(dict(self._lost())))
         lost.with_suffix(".tmp").replace(lost)
-        self._ready.append(f"spool-{self._chunks:06d}.bin")
-        self._fd, self._chunks, self._chunk_records = None, self._chunks + 1, 0
+        self._ready.append(self._chunk_name())
+        self._fds, self._chunks, self._chunk_records = {}, self._chunks + 1, 0
 
     def _hand_over(self) -> None:
         """Give the queued chunks to the converter."""
@@ -204,9 +223,9 @@ class Spool:
         with _stop_signals_ignored():
             if self._chunk_records:
                 self._close_chunk()
-            elif self._fd is not None:
-                os.close(self._fd)
-                (self.partial / f"spool-{self._chunks:06d}.bin").unlink()
+            for ring, fd in self._fds.items():  # an empty chunk
+                os.close(fd)
+                chunk_path(self.partial, self._chunk_name(), ring).unlink()
             self._hand_over()
             self._send({"end": metadata, "complete": complete})
             assert self._proc.stdin is not None and self._proc.stdout is not None
@@ -232,6 +251,20 @@ class Spool:
         self.finish(complete=stopped, **({"stop_reason": exc_type.__name__} if exc_type is not None else {}))
 
 
+def _in_time_order(chunk: list[np.ndarray], held: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per ring, the rows to write now and the rows to hold for the next chunk.
+
+    The recorder drains one ring after the other, so a chunk's later ring holds records younger
+    than some the earlier ring's next chunk brings.  Writing only rows no newer than the newest
+    row of every ring that got new rows keeps the writer's batches in time order: it then only
+    checks the order, instead of sorting (a take of every column) what it holds.
+    """
+    newest = [int(rows["ts_ns"].max()) for rows in chunk if len(rows)]
+    cut = min(newest) if newest else -1
+    merged = [np.concatenate([old, new]) for old, new in zip(held, chunk)]
+    return [rows[rows["ts_ns"] <= cut] for rows in merged], [rows[rows["ts_ns"] > cut] for rows in merged]
+
+
 def _convert(recorder: int) -> int:
     """The converter child: chunks named on stdin into the TraceWriter, until ``end`` (see above)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -243,13 +276,18 @@ def _convert(recorder: int) -> int:
     start = json.loads(sys.stdin.readline())
     writer = storage.TraceWriter(start["output"], start["metadata"], force=start["force"])
     print("ready", flush=True)
+    held = [np.zeros(0, dtype["rec"]) for dtype in RING_DTYPES.values()]
     for line in sys.stdin:
         message = json.loads(line)
         if "chunk" in message:
-            chunk = storage.partial_dir(writer.path) / message["chunk"]
-            writer.write_batch(decode(kept_records(np.fromfile(chunk, RING_DTYPE))))
-            chunk.unlink()
+            partial = storage.partial_dir(writer.path)
+            paths = [chunk_path(partial, message["chunk"], ring) for ring in RING_DTYPES]
+            ready, held = _in_time_order([chunk_records(path) for path in paths], held)
+            writer.write_batch(decode(ready))
+            for path in paths:
+                path.unlink()
             continue
+        writer.write_batch(decode(held))
         writer.update_metadata(**message["end"])
         writer.close(complete=message["complete"])
         print(json.dumps({"events": writer.events_written, "metadata": writer.metadata}), flush=True)

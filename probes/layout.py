@@ -15,13 +15,24 @@ import numpy as np
 from mmutrace import schema
 
 NR_SLOTS = 10
+#: Slots of a small record (the ``small_events`` ring): events whose slots all fit go there.
+SMALL_SLOTS = 2
 
-#: ``struct mmu_record`` (mmu_events.bpf.c), without the ring buffer's 8-byte record header.
-RECORD_DTYPE = np.dtype([
-    ("ts_ns", "<u8"), ("vm", "<u8"), ("seq", "<u4"), ("pid", "<i4"), ("tid", "<i4"), ("vcpu", "<i4"),
-    ("cpu", "<u2"), ("event", "<u2"), ("nulls", "<u4"), ("f", "<u8", (NR_SLOTS,)),
-])
+
+def record_dtype(nr_slots: int) -> np.dtype:
+    """``struct mmu_record`` (mmu_events.bpf.c) with ``nr_slots`` slots, without the ring buffer's
+    8-byte record header."""
+    return np.dtype([
+        ("ts_ns", "<u8"), ("vm", "<u8"), ("seq", "<u4"), ("pid", "<i4"), ("tid", "<i4"), ("vcpu", "<i4"),
+        ("cpu", "<u2"), ("event", "<u2"), ("nulls", "<u4"), ("f", "<u8", (nr_slots,)),
+    ])
+
+
+RECORD_DTYPE = record_dtype(NR_SLOTS)
 assert RECORD_DTYPE.itemsize == 40 + 8 * NR_SLOTS
+#: Each ring buffer map of the probes and the records it holds.
+RINGS = {"events": RECORD_DTYPE, "small_events": record_dtype(SMALL_SLOTS)}
+
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,11 @@ SLOTS: dict[str, tuple[Slot, ...]] = {
 
 #: Columns the header carries for events whose tracefs format has them as fields.
 HEADER_COLUMNS = {"vcpu"}
+
+
+def is_small(event: str) -> bool:
+    """Whether ``event``'s slots fit a small record (the C then writes it to ``small_events``)."""
+    return all(s.index < SMALL_SLOTS for s in SLOTS[event])
 
 
 def check_layout() -> None:

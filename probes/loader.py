@@ -17,10 +17,11 @@ from pathlib import Path
 from mmutrace import hostinfo, schema
 from mmutrace.errors import HostError
 from probes import btf
-from probes.layout import NR_SLOTS, RECORD_DTYPE
+from probes.layout import NR_SLOTS, RECORD_DTYPE, RINGS, SMALL_SLOTS, is_small
 
 SOURCE = Path(__file__).with_name("mmu_events.bpf.c")
-#: 128 MiB: two seconds of one vCPU faulting at full speed if the consumer stalled entirely.
+#: Each ring, 128 MiB: 1M full records, 2M small ones; with ~80% of a faulting guest's events small,
+#: one vCPU at full speed (~1.5M events/s) fills the small ring in ~1.7 s if the consumer stalls.
 RINGBUF_PAGES = 1 << 15
 
 #: TP_PROTO of each raw tracepoint the C attaches, as the C reads ``ctx->args[]``.
@@ -96,14 +97,33 @@ def program_text(events: list[str], filtered: bool, kernel: btf.Btf | None = Non
     """The C with its ``#define`` prologue: layout from BTF, event ids, the selection and filter."""
     kernel = kernel or btf.vmlinux()
     body = SOURCE.read_text()
-    lines = [f"#define NR_SLOTS {NR_SLOTS}", f"#define NR_EVENTS {len(schema.EVENTS)}",
-             f"#define RINGBUF_PAGES {RINGBUF_PAGES}", f"#define FILTER {int(filtered)}"]
+    lines = [f"#define NR_SLOTS {NR_SLOTS}", f"#define SMALL_SLOTS {SMALL_SLOTS}",
+             f"#define NR_EVENTS {len(schema.EVENTS)}", f"#define RINGBUF_PAGES {RINGBUF_PAGES}",
+             f"#define FILTER {int(filtered)}"]
     for i, kind in enumerate(schema.EVENTS):
-        lines += [f"#define EV_{kind.name} {i}", f"#define WANT_{kind.name} {int(kind.name in events)}"]
-    for name in sorted(set(_MEMBER_RE.findall(body))):
-        member = kernel.member(name.replace("__", "."))
+        lines += [f"#define EV_{kind.name} {i}", f"#define WANT_{kind.name} {int(kind.name in events)}",
+                  f"#define SMALL_{kind.name} {int(is_small(kind.name))}"]
+    members = {name: kernel.member(name.replace("__", ".")) for name in sorted(set(_MEMBER_RE.findall(body)))}
+    for name, member in members.items():
         lines += [f"#define OFF_{name} {member.offset}", f"#define SZ_{name} {member.size}"]
+    lines += span_defines(members)
     return "\n".join(lines) + "\n\n" + body
+
+
+def span_defines(members: dict[str, btf.Member]) -> list[str]:
+    """Per struct, the 8-aligned span of the members the C names (``SPAN_LO_``/``SPAN_SIZE_<struct>``)
+    and each member's offset in it (``SPAN_OFF_<member>``): a probe reads that span with one
+    ``bpf_probe_read_kernel`` (SPAN_READ) instead of one read per member."""
+    by_struct: dict[str, list[str]] = {}
+    for name in members:
+        by_struct.setdefault(name.split("__", 1)[0], []).append(name)
+    lines = []
+    for struct, names in sorted(by_struct.items()):
+        lo = min(members[n].offset for n in names) & ~7
+        hi = max(members[n].offset + members[n].size for n in names)
+        lines += [f"#define SPAN_LO_{struct} {lo}", f"#define SPAN_SIZE_{struct} {(hi - lo + 7) & ~7}"]
+        lines += [f"#define SPAN_OFF_{n} {members[n].offset - lo}" for n in names]
+    return lines
 
 
 class MmuProbes:
@@ -135,8 +155,9 @@ class MmuProbes:
             self.add_target(pid)
 
     @property
-    def ring_fd(self) -> int:
-        return self.bpf[b"events"].map_fd
+    def ring_fds(self) -> dict[str, int]:
+        """Each ring buffer map's fd, by name (probes.layout.RINGS)."""
+        return {name: self.bpf[name.encode()].map_fd for name in RINGS}
 
     def add_target(self, tgid: int) -> None:
         table = self.bpf[b"targets"]

@@ -1,6 +1,7 @@
 /*
  * mmu_events.bpf.c: every kvmmmu event, the MMU's kvm events and the KVM ioctls, as fixed-size
- * records in one BPF ring buffer.
+ * records in two BPF ring buffers (events: full records; small_events: records of SMALL_SLOTS
+ * slots, for the events that need no more, the hottest ones).
  *
  * Compiled by bcc at start-up (probes/loader.py).  The loader prepends:
  *   OFF_<struct>__<member>[__<member>] / SZ_...   kernel struct layout, from the running kernel's
@@ -8,8 +9,9 @@
  *                                                 release's)
  *   EV_<event>                                    index of the event in mmutrace.schema.EVENTS
  *   WANT_<event>                                  1 for the events asked for, else 0
+ *   SMALL_<event>                                 1: its slots fit a small record (probes/layout.py)
  *   FILTER                                        1: only targeted processes and their VMs
- *   NR_EVENTS, RINGBUF_PAGES, NR_SLOTS
+ *   NR_EVENTS, RINGBUF_PAGES, NR_SLOTS, SMALL_SLOTS
  *
  * Raw tracepoints get the TP_PROTO arguments (kernel structs) instead of the formatted record: they
  * are cheaper, and the structs hold the inputs the printed fields lack (the fault's address, error
@@ -37,8 +39,7 @@ struct mmu_record {
 
 /*
  * What learn_vcpu() learnt about a thread: later events on it belong to this VM and vCPU.  The
- * filter's verdict is cached here too, so the hot path (events on a vCPU thread) costs one hash
- * lookup.  @tgid guards against a reused tid.
+ * filter's verdict is cached here too.  @tgid guards against a reused tid.
  */
 struct vcpu_ctx {
 	u64 kvm;
@@ -48,11 +49,20 @@ struct vcpu_ctx {
 	u8 recorded;
 };
 
-/* Per-CPU counters, one map lookup per event. */
+/*
+ * Per-CPU counters, and the vcpu_ctx of the thread that last recorded on this CPU: a vCPU thread
+ * faulting makes ~10 events in a row on one CPU, so the hot path is two array lookups (inlined by
+ * the verifier) and no hash lookup.  The copy is valid while the thread (@ctx_pid_tgid) and
+ * vcpu_gen are the same.  Probes run with preemption disabled (tracepoint callbacks), so one
+ * CPU's copy is never written by two programs at once.
+ */
 struct cpu_stats {
 	u32 seq;                /* next record's seq */
 	u64 lost;               /* ring buffer full */
 	u64 hits[NR_EVENTS];    /* probe hits of recorded processes, per event */
+	u64 ctx_pid_tgid;       /* 0: no copy */
+	u64 ctx_gen;
+	struct vcpu_ctx ctx;
 };
 
 /* A KVM ioctl between sys_enter and sys_exit. */
@@ -63,10 +73,19 @@ struct pending_ioctl {
 };
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+/*
+ * Records of only SMALL_SLOTS slots: 56 bytes, 64 with the ring's header, one cache line (the ring
+ * data is page-aligned and every record in it is 64 bytes).  Most events (the guest walk's
+ * pagetable_walk, paging_element and A/D bits: ~80% on a fault-heavy guest) need no more, and half
+ * the bytes is half of what the probe writes and the recorder copies.
+ */
+BPF_RINGBUF_OUTPUT(small_events, RINGBUF_PAGES);
+#define SMALL_RECORD_SIZE (sizeof(struct mmu_record) - 8 * (NR_SLOTS - SMALL_SLOTS))
 BPF_PERCPU_ARRAY(stats, struct cpu_stats, 1);
 BPF_HASH(targets, u32, u8, 1024);               /* tgids recorded (FILTER) */
 BPF_HASH(vms, u64, u8, 256);                    /* struct kvm * of VMs owned by targets */
 BPF_HASH(vcpu_of_tid, u32, struct vcpu_ctx, 16384);
+BPF_ARRAY(vcpu_gen, u64, 1);                    /* bumped at every vcpu_of_tid update */
 BPF_HASH(vm_of_tgid, u32, u64, 1024);
 BPF_HASH(ioctls, u32, struct pending_ioctl, 1024);
 BPF_PERCPU_ARRAY(bitmap_scratch, struct mmu_record, 1);	/* record_clear_bitmap's row */
@@ -84,6 +103,30 @@ static __always_inline u64 rd(u64 base, u32 off, u32 size)
 	return v;
 }
 
+/*
+ * One read of every member of @type the probes name, instead of one read per member: the loader
+ * defines the span (SPAN_LO_/SPAN_SIZE_<type>, from BTF) and each member's offset in it; S() then
+ * takes a member from the copy.  A span that would not fit the BPF stack is refused at compile time.
+ */
+#define SPAN_READ(buf, base, type)                                                        \
+	u64 buf[SPAN_SIZE_##type / 8];                                                    \
+	_Static_assert(SPAN_SIZE_##type <= 128, "members of " #type " spread too far");   \
+	bpf_probe_read_kernel(buf, SPAN_SIZE_##type, (void *)((base) + SPAN_LO_##type))
+#define S(buf, path) span_get(buf, SPAN_OFF_##path, SZ_##path)
+
+static __always_inline u64 span_get(const u64 *buf, u32 off, u32 size)
+{
+	const u8 *p = (const u8 *)buf + off;
+
+	if (size == 1)
+		return *p;
+	if (size == 2)
+		return *(const u16 *)p;
+	if (size == 4)
+		return *(const u32 *)p;
+	return *(const u64 *)p;
+}
+
 static __always_inline u64 rd_user(u64 addr, u32 size)
 {
 	u64 v = 0;
@@ -93,7 +136,8 @@ static __always_inline u64 rd_user(u64 addr, u32 size)
 
 static __always_inline u64 mmu_pages(u64 kvm)
 {
-	return PACK2(F(kvm, kvm__arch__n_used_mmu_pages), F(kvm, kvm__arch__n_max_mmu_pages));
+	SPAN_READ(k, kvm, kvm);
+	return PACK2(S(k, kvm__arch__n_used_mmu_pages), S(k, kvm__arch__n_max_mmu_pages));
 }
 
 /* The filter: a targeted process (or its child), or a VM one of them owns. */
@@ -109,21 +153,35 @@ static __always_inline bool is_recorded(u32 tgid, u64 kvm)
 /*
  * Start a record of @event, or return NULL when the event is filtered out or the ring is full
  * (counted in lost).  @kvm/@vcpu_id: the event's own VM and vCPU when its arguments name them,
- * else 0/-1 and they are taken from what learn_vcpu() learnt about the current thread.
+ * else 0/-1 and they are taken from what learn_vcpu() learnt about the current thread.  @small
+ * (a constant): a small record, whose f[] ends at SMALL_SLOTS, from small_events.
  */
-static __always_inline struct mmu_record *record_begin(u32 event, u64 kvm, s32 vcpu_id)
+static __always_inline struct mmu_record *record_begin(u32 event, u64 kvm, s32 vcpu_id, bool small)
 {
 	u64 pid_tgid = bpf_get_current_pid_tgid();
 	u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid, zero = 0;
-	struct vcpu_ctx *ctx = vcpu_of_tid.lookup(&tid);
+	struct cpu_stats *st = stats.lookup(&zero);
+	u64 *gen = vcpu_gen.lookup(&zero);
 	bool recorded;
 
-	if (ctx && ctx->tgid == tgid) {
-		if (!kvm) {
-			kvm = ctx->kvm;
-			vcpu_id = ctx->vcpu_id;
+	if (!st || !gen || event >= NR_EVENTS)
+		return NULL;
+	if (st->ctx_pid_tgid != pid_tgid || st->ctx_gen != *gen) {
+		struct vcpu_ctx *known = vcpu_of_tid.lookup(&tid);
+
+		st->ctx_pid_tgid = 0;
+		if (known && known->tgid == tgid) {
+			st->ctx = *known;
+			st->ctx_gen = *gen;
+			st->ctx_pid_tgid = pid_tgid;
 		}
-		recorded = ctx->recorded;
+	}
+	if (st->ctx_pid_tgid) {
+		if (!kvm) {
+			kvm = st->ctx.kvm;
+			vcpu_id = st->ctx.vcpu_id;
+		}
+		recorded = st->ctx.recorded;
 	} else {
 		if (!kvm) {
 			u64 *owned = vm_of_tgid.lookup(&tgid);
@@ -134,12 +192,13 @@ static __always_inline struct mmu_record *record_begin(u32 event, u64 kvm, s32 v
 	}
 	if (!recorded)
 		return NULL;
-	struct cpu_stats *st = stats.lookup(&zero);
-	if (!st || event >= NR_EVENTS)
-		return NULL;
 	st->hits[event]++;
 	u32 n = st->seq++;
-	struct mmu_record *r = events.ringbuf_reserve(sizeof(struct mmu_record));
+	struct mmu_record *r;
+	if (small)
+		r = small_events.ringbuf_reserve(SMALL_RECORD_SIZE);
+	else
+		r = events.ringbuf_reserve(sizeof(struct mmu_record));
 	if (!r) {
 		st->lost++;
 		return NULL;
@@ -159,14 +218,16 @@ static __always_inline struct mmu_record *record_begin(u32 event, u64 kvm, s32 v
 /* No wake-up per record: the consumer polls, which is far cheaper at a million events a second. */
 static __always_inline void record_end(struct mmu_record *r)
 {
-	events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+	events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);	/* either ring's: a record knows its ring */
 }
 
-#define BEGIN_ID(event, kvm, vcpu_id)                                \
-	struct mmu_record *r = record_begin((event), (kvm), (vcpu_id)); \
-	if (!r)                                                      \
+#define BEGIN_IN(event, kvm, vcpu_id, small)                                    \
+	struct mmu_record *r = record_begin((event), (kvm), (vcpu_id), (small)); \
+	if (!r)                                                                 \
 		return 0
-#define BEGIN(ev, kvm, vcpu_id) BEGIN_ID(EV_##ev, kvm, vcpu_id)
+/* @event known only at run time: a full record. */
+#define BEGIN_ID(event, kvm, vcpu_id) BEGIN_IN(event, kvm, vcpu_id, 0)
+#define BEGIN(ev, kvm, vcpu_id) BEGIN_IN(EV_##ev, kvm, vcpu_id, SMALL_##ev)
 
 /*
  * Events whose TP_PROTO arguments are the printed fields, all unsigned (or never negative): f[i] is
@@ -235,11 +296,12 @@ AD_BIT_PROBE(kvm_mmu_set_dirty_bit)
 /* KVM_MMU_PAGE_FIELDS of mmutrace.h, plus the page's address (its identity while it lives). */
 static __always_inline void mmu_page_fields(struct mmu_record *r, u64 sp)
 {
-	r->f[0] = F(sp, kvm_mmu_page__mmu_valid_gen);
-	r->f[1] = F(sp, kvm_mmu_page__gfn);
-	r->f[2] = F(sp, kvm_mmu_page__role);
-	r->f[3] = F(sp, kvm_mmu_page__root_count);
-	r->f[4] = F(sp, kvm_mmu_page__unsync);
+	SPAN_READ(page, sp, kvm_mmu_page);
+	r->f[0] = S(page, kvm_mmu_page__mmu_valid_gen);
+	r->f[1] = S(page, kvm_mmu_page__gfn);
+	r->f[2] = S(page, kvm_mmu_page__role);
+	r->f[3] = S(page, kvm_mmu_page__root_count);
+	r->f[4] = S(page, kvm_mmu_page__unsync);
 	r->f[5] = sp;
 }
 
@@ -341,27 +403,28 @@ RAW_TRACEPOINT_PROBE(kvm_mmu_zap_all_fast)	/* (struct kvm *kvm) */
 #if WANT_kvm_mmu_spte_requested
 RAW_TRACEPOINT_PROBE(kvm_mmu_spte_requested)	/* (struct kvm_page_fault *fault) */
 {
-	u64 fault = ctx->args[0];
 	BEGIN(kvm_mmu_spte_requested, 0, -1);
-	u64 gfn = F(fault, kvm_page_fault__gfn);
-	u64 goal_level = F(fault, kvm_page_fault__goal_level);
+	SPAN_READ(pf, ctx->args[0], kvm_page_fault);
+	u64 gfn = S(pf, kvm_page_fault__gfn);
+	u64 goal_level = S(pf, kvm_page_fault__goal_level);
 	/* The tracepoint's pfn: the 4K frame of gfn inside a huge mapping. */
 	u64 huge_mask = (1ULL << (((goal_level - 1) & 3) * 9)) - 1;
-	u64 slot = F(fault, kvm_page_fault__slot);
+	u64 slot = S(pf, kvm_page_fault__slot);
 
 	r->f[0] = gfn;
-	r->f[1] = F(fault, kvm_page_fault__pfn) | (gfn & huge_mask);
-	r->f[2] = F(fault, kvm_page_fault__addr);
-	r->f[3] = F(fault, kvm_page_fault__error_code);
-	r->f[4] = goal_level | F(fault, kvm_page_fault__max_level) << 8 |
-		  F(fault, kvm_page_fault__req_level) << 16 |
-		  F(fault, kvm_page_fault__map_writable) << 24 |
-		  F(fault, kvm_page_fault__prefetch) << 25;
+	r->f[1] = S(pf, kvm_page_fault__pfn) | (gfn & huge_mask);
+	r->f[2] = S(pf, kvm_page_fault__addr);
+	r->f[3] = S(pf, kvm_page_fault__error_code);
+	r->f[4] = goal_level | S(pf, kvm_page_fault__max_level) << 8 |
+		  S(pf, kvm_page_fault__req_level) << 16 |
+		  S(pf, kvm_page_fault__map_writable) << 24 |
+		  S(pf, kvm_page_fault__prefetch) << 25;
 	if (slot) {
-		r->f[5] = PACK2(F(slot, kvm_memory_slot__flags), F(slot, kvm_memory_slot__id));
-		r->f[6] = F(slot, kvm_memory_slot__base_gfn);
-		r->f[7] = F(slot, kvm_memory_slot__npages);
-		r->f[8] = F(slot, kvm_memory_slot__userspace_addr);
+		SPAN_READ(ms, slot, kvm_memory_slot);
+		r->f[5] = PACK2(S(ms, kvm_memory_slot__flags), S(ms, kvm_memory_slot__id));
+		r->f[6] = S(ms, kvm_memory_slot__base_gfn);
+		r->f[7] = S(ms, kvm_memory_slot__npages);
+		r->f[8] = S(ms, kvm_memory_slot__userspace_addr);
 	} else {
 		r->nulls |= 0xf << 5;	/* no memslot: MMIO or a private fault */
 	}
@@ -484,8 +547,12 @@ static __always_inline void learn_vcpu(u64 vcpu, u64 kvm, s32 vcpu_id)
 	own_vm(tgid, kvm);
 	struct vcpu_ctx c = {.kvm = kvm, .vcpu = vcpu, .vcpu_id = vcpu_id, .tgid = tgid,
 			     .recorded = is_recorded(tgid, kvm)};
+	u32 zero = 0;
+	u64 *gen = vcpu_gen.lookup(&zero);
 	vcpu_of_tid.update(&tid, &c);
 	vm_of_tgid.update(&tgid, &kvm);
+	if (gen)
+		__sync_fetch_and_add(gen, 1);	/* every CPU's copy of a vcpu_ctx is stale now */
 }
 
 RAW_TRACEPOINT_PROBE(kvm_entry)	/* (struct kvm_vcpu *, bool force_immediate_exit) */

@@ -111,19 +111,19 @@ class Session:
     """Probes targeted at this process; ``capture(fn)`` returns the rows ``fn`` caused."""
 
     def __init__(self) -> None:
-        from mmutrace.ringbuf import RingBuffer
+        from mmutrace.ringbuf import Rings
 
         self.probes = loader.MmuProbes([e.name for e in schema.EVENTS], [os.getpid()])
-        self.ring = RingBuffer(self.probes.ring_fd, loader.RINGBUF_PAGES * os.sysconf("SC_PAGE_SIZE"))
+        self.rings = Rings(self.probes.ring_fds, loader.RINGBUF_PAGES * os.sysconf("SC_PAGE_SIZE"))
 
     def capture(self, fn: Callable[[], None]) -> pd.DataFrame:
         import pyarrow as pa
 
         from mmutrace.ringbuf import decode
 
-        self.ring.drain()
+        self.rings.drain()
         fn()
-        records = self.ring.drain()
+        records = self.rings.drain()
         return frame(pa.table(decode(records)))
 
 
@@ -131,7 +131,7 @@ class Session:
 def session() -> Iterator[Session]:
     s = Session()
     yield s
-    s.ring.close()
+    s.rings.close()
     s.probes.close()
 
 
@@ -227,21 +227,26 @@ def test_shadow_pages_carry_their_identity_and_quota(session: Session) -> None:
 
 @pytest.mark.bcc
 def test_a_full_ring_counts_what_it_lost(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a one-page ring and no consumer, rows + lost == probe hits, per event total."""
-    from mmutrace.ringbuf import RingBuffer
+    """With one-page rings and no consumer, rows + lost == probe hits, per event total; a small
+    event (paging_element) fills the small ring, a full one (spte_requested) the full ring."""
+    from mmutrace.ringbuf import Rings
 
+    page = os.sysconf("SC_PAGE_SIZE")
     monkeypatch.setattr(loader, "RINGBUF_PAGES", 1)
     probes = loader.MmuProbes(["kvm_mmu_paging_element", "kvm_mmu_spte_requested"], [os.getpid()])
-    ring = RingBuffer(probes.ring_fd, os.sysconf("SC_PAGE_SIZE"))
+    rings = Rings(probes.ring_fds, page)
     try:
         run, _ = _touch_guest(64, writes=False)
         run()
-        rows = len(ring.drain())
+        rows = {name: ring.drain() for name, ring in rings.rings.items()}
         lost, hits = sum(probes.lost().values()), probes.hits()
     finally:
-        ring.close()
+        rings.close()
         probes.close()
-    # the ring held all it could: __bpf_ringbuf_reserve refuses the record that would fill it exactly
-    assert rows == os.sysconf("SC_PAGE_SIZE") // 128 - 1
-    assert lost > 0 and rows + lost == sum(hits.values())
+    # each ring held all it could: __bpf_ringbuf_reserve refuses the record that would fill it exactly
+    events = [e.name for e in schema.EVENTS]
+    assert {events[i] for i in rows["small_events"]["event"]} == {"kvm_mmu_paging_element"}
+    assert {events[i] for i in rows["events"]["event"]} == {"kvm_mmu_spte_requested"}
+    assert len(rows["small_events"]) == page // 64 - 1 and len(rows["events"]) == page // 128 - 1
+    assert lost > 0 and sum(map(len, rows.values())) + lost == sum(hits.values())
     assert hits["kvm_mmu_spte_requested"] >= 64

@@ -23,7 +23,6 @@ import pytest
 
 from mmutrace import ftrace_text, hostinfo, schema, spool, storage, tracefs
 from mmutrace.errors import HostError
-from mmutrace.ringbuf import RING_DTYPE, kept_records
 from probes import btf
 from mmutrace.record import Backend, RecordOptions, RecordResult, ScenarioSpec, is_kvm_process, record
 from mmutrace.scenarios import SCENARIOS
@@ -297,8 +296,7 @@ def test_killed_recording_is_repaired_up_to_its_last_flush(tmp_path: Path) -> No
     flushed = {(c, s) for p in partial.glob("seg-*.parquet")
                for c, s in zip(*pq.read_table(p, columns=["cpu", "seq"]).to_pydict().values())}
     for chunk in partial.glob("spool-*.bin"):
-        raw = np.fromfile(chunk, np.uint8)
-        records = kept_records(raw[: len(raw) - len(raw) % RING_DTYPE.itemsize].view(RING_DTYPE))
+        records = spool.chunk_records(chunk)
         flushed |= set(zip(records["cpu"].tolist(), records["seq"].tolist()))
     repaired = spool.repair(out)
     trace = storage.open_trace(repaired)

@@ -37,7 +37,7 @@ def record_bench(
         table.add_column(column, justify="left" if column == "tracing" else "right")
     for row in table_rows(runs, faults):
         table.add_row(*row)
-    Console(width=max(Console().width, 130)).print(table)
+    Console(width=max(Console().width, 160)).print(table)
 
 
 @bench_app.command("replay")

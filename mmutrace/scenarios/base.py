@@ -35,6 +35,8 @@ class ScenarioResult:
     accesses_digest: str
     markers: list[tuple[int, str]]
     details: dict[str, Any] = field(default_factory=dict)
+    #: CPU time of the scenario's (and its vCPU's) thread at each marker (Markers.cpu_ns)
+    marker_cpu_ns: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -125,4 +127,5 @@ class Scenario:
             return ScenarioResult(
                 name=self.name, seed=seed, size=size, pid=os.getpid(), pages_touched=guest.pages_touched,
                 guest_exits=guest.exits, wall_s=round(time.perf_counter() - t0, 6),
-                accesses_digest=guest.accesses_digest, markers=list(markers.log), details=ctx.details)
+                accesses_digest=guest.accesses_digest, markers=list(markers.log), details=ctx.details,
+                marker_cpu_ns=list(markers.cpu_ns))
