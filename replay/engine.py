@@ -29,12 +29,14 @@ import pyarrow as pa
 
 from mmutrace import schema
 from mmutrace.errors import MmutraceError, TraceFileError
+from mmutrace.kvm.uapi import KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION
 from replay.decisions import COMPARED, DECISION_EVENTS, IDENTITY, KIND, Decision, Tracepoints
 from replay.mmu import KVM_REFILL_PAGES, FaultIn, FaultInResult, KvmArch, KvmMmu, KvmPageFault, VcpuMmu
 from replay.paging_tmpl import PTTYPE_64, GuestWalker, walk_addr_generic
 from replay.role import known_role_mask
 from replay.shadow_mmu import R_PARAMS, R_PREFETCH, R_QUOTA, UNKNOWN_SPTE, ShadowMmu, ShadowPage
-from replay.spte import PT_WRITABLE_MASK
+from replay.paging_tmpl import PFERR_RSVD_MASK
+from replay.spte import PT_WRITABLE_MASK, is_shadow_present_pte
 from replay.tdp_replay import TdpReplay, wrong_model_error
 from replay.versions import Split, VersionRules, rules_for_release
 
@@ -73,7 +75,7 @@ READ_COLUMNS = ["ts_ns", "cpu", "seq", "tid", "vm", "vcpu", "event", "gfn", "lev
                 "mmu_valid_gen", "unsync", "created", "spte", "sptep", "pfn", "addr", "end", "error_code",
                 "mmu_used", "mmu_max", "map_writable", "req_level", "count", "slot_id", "slot_base_gfn",
                 "slot_npages", "slot_hva", "slot_flags", "cr0", "cr3", "cr4", "efer", "ret", "old_spte",
-                "new_spte", "as_id", "access", "gen"]
+                "new_spte", "as_id", "access", "gen", "ioctl"]
 
 #: Rows converted to Python at a time: a whole row group's columns as Python ints would cost more
 #: memory than the model state of a large trace (~40 bytes a value); 64k rows keep it to ~60 MB.
@@ -303,6 +305,8 @@ class VmReplay:
         """One event other than a guest PTE (those go straight to ``open_walk``)."""
         t = self.thread(row["tid"])
         t.last_ts = self.arch.now_ns = row["ts_ns"]
+        if ev == "ioctl_ret":
+            self.ioctl_ret(row)
         if self.tdp_replay is not None and self.tdp_replay.handle(t, ev, row):
             return
         if ev == "kvm_tdp_mmu_spte_changed" and self.tdp_replay is None:
@@ -335,6 +339,22 @@ class VmReplay:
         elif ev in BOUNDARY_EVENTS:
             self.end_episode(t, row)
             t.emulating = None
+            if ev == "kvm_page_fault" and row["error_code"] & PFERR_RSVD_MASK:
+                self.mmio_page_fault(t, row)
+
+    def mmio_page_fault(self, t: Thread, row: dict[str, Any]) -> None:
+        """kvm_mmu_page_fault's RSVD branch for a shadow root: the walk that follows a stale
+        generation ("invalid") is the normal fault, which the walk events start as usual."""
+        vcpu = self.vcpu_of(t, row.get("vcpu"))
+        self.mmu.handle_mmio_page_fault(vcpu, row["addr"], self.mmu.root_role_direct(vcpu))
+        self.take_predictions(t)
+
+    def ioctl_ret(self, row: dict[str, Any]) -> None:
+        """A traced KVM_CREATE_VM starts the memslot generation; a failed memslot update loses it."""
+        if row.get("ioctl") == KVM_CREATE_VM and row.get("ret", -1) >= 0:
+            self.mmu.kvm_create_vm()
+        elif row.get("ioctl") == KVM_SET_USER_MEMORY_REGION and row.get("ret"):
+            self.mmu.kvm_set_memory_region_failed()
 
     # ---- walks and faults
 
@@ -407,29 +427,18 @@ class VmReplay:
         range the model could not place); a present write fault means it was write-protected
         (dirty logging).  Only SPTEs written before the fault's walk are corrected: another vCPU
         may have installed one since (the race multi_vcpu records)."""
-        sp, index = self.leaf_entry(vcpu, fault.addr)
+        sp, index = self.shadow.shadow_walk_last(vcpu, fault.addr)
         if sp is None or index not in sp.sptes or sp.spte_ts.get(index, 0) >= walk_ts:
             return
         spte = sp.sptes[index]
+        if spte != UNKNOWN_SPTE and not is_shadow_present_pte(spte):
+            return  # an MMIO SPTE: its faults are RSVD faults, not about a lost leaf
         if not fault.present:
             self.shadow.drop_spte(sp, index)
             self.result.adopted += 1
         elif fault.write and spte != UNKNOWN_SPTE and spte & PT_WRITABLE_MASK:
             sp.sptes[index] = spte & ~PT_WRITABLE_MASK
             self.result.adopted += 1
-
-    def leaf_entry(self, vcpu: VcpuMmu, addr: int) -> tuple[ShadowPage | None, int]:
-        """The shadow page and index where the walk for ``addr`` ends (a leaf or a missing link)."""
-        sp = vcpu.root
-        if sp is None:
-            return None, 0
-        level = self.rules.role_layout.get(sp.role, "level")
-        while True:
-            index = (addr >> (12 + 9 * (level - 1))) & 511
-            child = sp.children.get(index)
-            if child is None:
-                return sp, index
-            sp, level = child, level - 1
 
     def stale_since(self, walk: Walk, gfn: int) -> bool | None:
         """is_page_fault_stale(): did an invalidation hitting a memslot move mmu_invalidate_seq
