@@ -36,7 +36,7 @@ from replay.paging_tmpl import PTTYPE_64, GuestWalker, walk_addr_generic
 from replay.role import known_role_mask
 from replay.shadow_mmu import R_PARAMS, R_PREFETCH, R_QUOTA, UNKNOWN_SPTE, ShadowMmu, ShadowPage
 from replay.paging_tmpl import PFERR_RSVD_MASK
-from replay.spte import PT_WRITABLE_MASK, is_shadow_present_pte
+from replay.spte import PT_WRITABLE_MASK, is_mmio_spte, is_shadow_present_pte
 from replay.tdp_replay import TdpReplay, wrong_model_error
 from replay.versions import Split, VersionRules, rules_for_release
 
@@ -52,6 +52,9 @@ R_STALE_RACE = "mmu_notifier invalidation raced with the fault: only its start i
 R_LOST = "events lost on this CPU"
 R_WALK = "guest walk incomplete in the trace (a kvm_mmu_paging_element missing)"
 R_TDP = "TDP MMU decision: no TDP MMU model installed"
+R_MEMSLOT_UPDATING = "MMIO decision while another thread's KVM_SET_USER_MEMORY_REGION was in flight"
+#: Decisions that read the memslot generation (a TDP MMIO SPTE's spte_changed too: see mmio_reason).
+MMIO_EVENTS = frozenset({"mark_mmio_spte", "handle_mmio_page_fault"})
 
 #: Events that end a vCPU thread's current episode (the guest ran again or exited to userspace).
 BOUNDARY_EVENTS = frozenset({"kvm_entry", "kvm_exit", "kvm_pio", "kvm_mmio", "kvm_userspace_exit",
@@ -279,6 +282,9 @@ class VmReplay:
         self.param_kinds = frozenset().union(*(PARAM_EFFECTS.get(p, frozenset()) for p in params))
         #: Why the last stale_since() could not decide.
         self.stale_reason: str | None = None
+        #: The thread inside KVM_SET_USER_MEMORY_REGION (entry traced, return not yet): the
+        #: generation other threads read meanwhile may be the old one, in progress, or the new one.
+        self.memslot_update_tid: int | None = None
 
     # ---- threads and vCPUs
 
@@ -353,8 +359,11 @@ class VmReplay:
         """A traced KVM_CREATE_VM starts the memslot generation; a failed memslot update loses it."""
         if row.get("ioctl") == KVM_CREATE_VM and row.get("ret", -1) >= 0:
             self.mmu.kvm_create_vm()
-        elif row.get("ioctl") == KVM_SET_USER_MEMORY_REGION and row.get("ret"):
-            self.mmu.kvm_set_memory_region_failed()
+        elif row.get("ioctl") == KVM_SET_USER_MEMORY_REGION:
+            if row["tid"] == self.memslot_update_tid:
+                self.memslot_update_tid = None
+            if row.get("ret"):
+                self.mmu.kvm_set_memory_region_failed()
 
     # ---- walks and faults
 
@@ -419,7 +428,18 @@ class VmReplay:
         for d in self.tp.drain():
             if not d.undecidable:
                 d.undecidable = t.fault_reason or (R_PARAMS if d.event in self.param_kinds else None)
+                if self.memslot_update_tid is not None and not d.undecidable:
+                    d.undecidable = self.mmio_reason(t, d.event, d.values)
             t.pending.append(d)
+
+    def mmio_reason(self, t: Thread, ev: str, values: Any) -> str | None:
+        """R_MEMSLOT_UPDATING for a decision that reads the generation during another thread's update."""
+        if self.memslot_update_tid in (None, t.tid):
+            return None
+        if ev in MMIO_EVENTS or (ev == "kvm_tdp_mmu_spte_changed"
+                                 and is_mmio_spte(self.arch.mmio, values.get("new_spte") or 0)):
+            return R_MEMSLOT_UPDATING
+        return None
 
     def correct_from_error_code(self, vcpu: VcpuMmu, fault: KvmPageFault, walk_ts: int) -> None:
         """The hardware error code is an input about the SPTE the guest used when it faulted:
@@ -523,6 +543,7 @@ class VmReplay:
     def ioctl(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
         self.end_episode(t, row)
         if ev == "ioctl_set_user_memory_region":
+            self.memslot_update_tid = t.tid
             self.mmu.kvm_set_memory_region(row["slot_id"], row["slot_base_gfn"], row["slot_npages"],
                                            row["slot_hva"], row["slot_flags"] or 0)
         elif ev == "ioctl_set_nr_mmu_pages":
@@ -643,6 +664,8 @@ class VmReplay:
         """Why this recorded decision could not be predicted, or None if the model should have."""
         if ev in self.param_kinds:
             return R_PARAMS
+        if self.memslot_update_tid is not None and (reason := self.mmio_reason(t, ev, row)):
+            return reason
         if ev == "kvm_tdp_mmu_spte_changed":
             return R_TDP
         if ev == "kvm_mmu_set_spte" and t.prefetch_sp is not None:

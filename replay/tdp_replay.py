@@ -175,6 +175,8 @@ class TdpReplay:
             return t.context
         if t.fault_reason is not None:
             return t.fault_reason
+        if reason := self.vm.mmio_reason(t, ev, row):
+            return reason
         if t.tid in self.unmapped_blind:
             return R_UNMAP
         if t.fault is None and not self.vm.arch.memslots_known and ev in (

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmutrace.kvm.uapi import KVM_CREATE_VM
+from mmutrace.kvm.uapi import KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION
 from mmutrace.lab.inside import stamp_metadata
 from mmutrace.storage import open_trace
 from replay import engine
-from replay.engine import replay_trace
+from replay.engine import R_MEMSLOT_UPDATING, replay_trace
 from replay.mmu import KVM_ADDRESS_SPACE_NUM, R_MEMSLOT_GEN, REMOVED_SPTE_LOW
 from replay.role import ACC_ALL
 from replay.spte import (MMIO_RSVD_PA_VALUE, get_mmio_spte_access, get_mmio_spte_generation, get_mmio_spte_gfn,
@@ -214,3 +214,25 @@ def test_memslot_updates_step_the_generation_like_kvm_set_memslot():
     assert steps == [1, 1, 0, 1, 2, 2]
     mmu.kvm_set_memory_region_failed()
     assert arch.memslots_generation is None
+
+
+@pytest.mark.parametrize("path", MMIO_TRACES, ids=trace_id)
+def test_mmio_decisions_during_another_threads_memslot_update_are_undecidable(path, tmp_path):
+    """While a KVM_SET_USER_MEMORY_REGION is between its entry and its return on another thread, the
+    generation a vCPU reads may be the old one, in progress, or the new one: the MMIO fault in that
+    window is undecidable by name, and everything else is still judged."""
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    update = next(r for r in rows if r["event"] == "ioctl_set_user_memory_region" and r["slot_npages"])
+    i = next(i for i, r in enumerate(rows) if r["event"] == "handle_mmio_page_fault")
+    fault = max(j for j in range(i) if rows[j]["event"] == "kvm_page_fault")
+    start = {**update, "tid": 1 << 30, "pid": 1 << 30, "ts_ns": rows[fault]["ts_ns"]}  # the same region again
+    end = {**{k: None for k in update}, "event": "ioctl_ret", "ioctl": KVM_SET_USER_MEMORY_REGION, "ret": 0,
+           "tid": 1 << 30, "pid": 1 << 30, "vm": update["vm"], "cpu": 0, "seq": 0, "ts_ns": rows[i]["ts_ns"]}
+    racing = tmp_path / "racing.parquet"
+    pq.write_table(pa.Table.from_pylist(rows[:fault] + [start] + rows[fault:i + 1] + [end] + rows[i + 1:],
+                                        schema=table.schema), racing)
+    result = replay_trace(racing).to_json()
+    assert (result["mismatched"], result["missing"], result["extra"]) == (0, 0, 0), result["divergences"][:3]
+    assert result["undecidable_reasons"][R_MEMSLOT_UPDATING] == 1
+    assert result["by_kind"]["mmio_page_fault"]["undecidable"] == 1
