@@ -53,6 +53,14 @@ R_LOST = "events lost on this CPU"
 R_WALK = "guest walk incomplete in the trace (a kvm_mmu_paging_element missing)"
 R_TDP = "TDP MMU decision: no TDP MMU model installed"
 R_MEMSLOT_UPDATING = "MMIO decision while another thread's KVM_SET_USER_MEMORY_REGION was in flight"
+R_MMIO_CACHE = "vCPU MMIO cache: an exit that may have cleared it (CR0/CR3/CR4/EFER write, INVLPG, task switch)"
+#: Exits whose handling may clear the vCPU's cached MMIO access (kvm_mmu_new_pgd on a CR3 load,
+#: kvm_mmu_reset_context on a CR0/CR4/EFER change, kvm_mmu_invlpg / invpcid): the exit does not
+#: say whether it did, so the cache becomes unknown.  By vendor module (uapi svm.h / vmx.h codes).
+MMIO_CACHE_EXITS: dict[str, frozenset[int]] = {
+    "kvm_amd": frozenset({0x010, 0x013, 0x014, 0x065, 0x079, 0x07A, 0x07C, 0x07D, 0x08F, 0x090, 0x094, 0x0A2}),
+    "kvm_intel": frozenset({9, 14, 28, 32, 58}),
+}
 #: Decisions that read the memslot generation (a TDP MMIO SPTE's spte_changed too: see mmio_reason).
 MMIO_EVENTS = frozenset({"mark_mmio_spte", "handle_mmio_page_fault"})
 
@@ -78,7 +86,7 @@ READ_COLUMNS = ["ts_ns", "cpu", "seq", "tid", "vm", "vcpu", "event", "gfn", "lev
                 "mmu_valid_gen", "unsync", "created", "spte", "sptep", "pfn", "addr", "end", "error_code",
                 "mmu_used", "mmu_max", "map_writable", "req_level", "count", "slot_id", "slot_base_gfn",
                 "slot_npages", "slot_hva", "slot_flags", "cr0", "cr3", "cr4", "efer", "ret", "old_spte",
-                "new_spte", "as_id", "access", "gen", "ioctl"]
+                "new_spte", "as_id", "access", "gen", "ioctl", "exit_reason"]
 
 #: Rows converted to Python at a time: a whole row group's columns as Python ints would cost more
 #: memory than the model state of a large trace (~40 bytes a value); 64k rows keep it to ~60 MB.
@@ -285,6 +293,7 @@ class VmReplay:
         #: The thread inside KVM_SET_USER_MEMORY_REGION (entry traced, return not yet): the
         #: generation other threads read meanwhile may be the old one, in progress, or the new one.
         self.memslot_update_tid: int | None = None
+        self.mmio_cache_exits = MMIO_CACHE_EXITS.get(meta.get("kvm_backend") or "", frozenset())
 
     # ---- threads and vCPUs
 
@@ -313,6 +322,8 @@ class VmReplay:
         t.last_ts = self.arch.now_ns = row["ts_ns"]
         if ev == "ioctl_ret":
             self.ioctl_ret(row)
+        elif ev == "kvm_exit" and row["exit_reason"] in self.mmio_cache_exits:
+            self.vcpu_of(t, row.get("vcpu")).mmio_info_unknown = R_MMIO_CACHE
         if self.tdp_replay is not None and self.tdp_replay.handle(t, ev, row):
             return
         if ev == "kvm_tdp_mmu_spte_changed" and self.tdp_replay is None:

@@ -193,18 +193,19 @@ class VcpuMmu:
     mmio_access: int = 0
     #: The memslot update count when cached (stands for the generation: only equality is tested).
     mmio_gen: int = 0
-    #: False while the cache may hold what an untraced access left (the VM predates the trace).
-    mmio_info_known: bool = True
+    #: Why the cache's content is unknown (None: known): an access before the trace, a lost SPTE,
+    #: an exit that may have cleared it.  The next access that fills it makes it known again.
+    mmio_info_unknown: str | None = None
 
     def vcpu_cache_mmio_info(self, gva: int, gfn: int, access: int, gen: int) -> None:
         """x86.h vcpu_cache_mmio_info (the in-progress skip cannot happen: updates are atomic here)."""
         self.mmio_gva, self.mmio_access, self.mmio_gfn, self.mmio_gen = gva & ~0xFFF, access, gfn, gen
-        self.mmio_info_known = True
+        self.mmio_info_unknown = None
 
     def vcpu_clear_mmio_info(self) -> None:
-        """vcpu_clear_mmio_info(vcpu, MMIO_GVA_ANY): roots unloaded or synced, CR3 switched."""
+        """vcpu_clear_mmio_info(vcpu, MMIO_GVA_ANY): roots unloaded or synced, CR3 switched.  Only the
+        gva goes: a direct root's gpa match still sees mmio_gfn."""
         self.mmio_gva = 0
-        self.mmio_info_known = True
 
     def vcpu_match_mmio_gva(self, gva: int, gen: int) -> bool:
         return self.mmio_gen == gen and bool(self.mmio_gva) and self.mmio_gva == gva & ~0xFFF
@@ -305,7 +306,7 @@ class KvmMmu:
         vcpu = self.vcpus.get(vcpu_id)
         if vcpu is None:
             vcpu = self.vcpus[vcpu_id] = VcpuMmu(vcpu_id)
-            vcpu.mmio_info_known = self.arch.memslots_generation is not None
+            vcpu.mmio_info_unknown = None if self.arch.memslots_generation is not None else R_MEMSLOT_GEN
         return vcpu
 
     def root_role_direct(self, vcpu: VcpuMmu) -> bool:
@@ -331,7 +332,7 @@ class KvmMmu:
 
     def mmio_info_in_cache(self, vcpu: VcpuMmu, addr: int, direct: bool) -> bool | None:
         """None when the cache may hold an access from before the trace."""
-        if not vcpu.mmio_info_known:
+        if vcpu.mmio_info_unknown is not None:
             return None
         gen = self.arch.memslot_updates
         return vcpu.vcpu_match_mmio_gpa(addr, gen) if direct else vcpu.vcpu_match_mmio_gva(addr, gen)
@@ -358,7 +359,7 @@ class KvmMmu:
         if spte is None:
             self.arch.tp.emit(Decision("handle_mmio_page_fault", {"addr": 0 if direct else addr},
                                        "handle_mmio_page_fault", R_MMIO_SPTE_UNKNOWN))
-            vcpu.mmio_info_known = False  # cached or not, as the lost SPTE was MMIO or not
+            vcpu.mmio_info_unknown = R_MMIO_SPTE_UNKNOWN  # cached or not, as the lost SPTE was MMIO or not
             return "emulate"
         if not is_mmio_spte(self.arch.mmio, spte):
             return "retry"
@@ -368,7 +369,7 @@ class KvmMmu:
             return "invalid"
         if direct:
             addr = 0
-        reason = self.arch.generation_unknown if valid is None else None
+        reason = self.arch.generation_unknown if valid is None else vcpu.mmio_info_unknown
         self.arch.tp.emit(Decision("handle_mmio_page_fault", {"addr": addr, "gfn": gfn, "access": access},
                                    "handle_mmio_page_fault", reason))
         vcpu.vcpu_cache_mmio_info(addr, gfn, access, self.arch.memslot_updates)
@@ -437,7 +438,7 @@ class KvmMmu:
         """KVM_CREATE_VM is in the trace: address space 0's memslots start at generation 0."""
         self.arch.memslots_generation = 0
         for vcpu in self.vcpus.values():
-            vcpu.mmio_info_known = True
+            vcpu.mmio_info_unknown = None
 
     def kvm_swap_active_memslots(self) -> None:
         """Publish new memslots: the generation steps by the number of address spaces (the in-progress

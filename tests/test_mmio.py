@@ -20,7 +20,7 @@ from mmutrace.kvm.uapi import KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION
 from mmutrace.lab.inside import stamp_metadata
 from mmutrace.storage import open_trace
 from replay import engine
-from replay.engine import R_MEMSLOT_UPDATING, replay_trace
+from replay.engine import MMIO_CACHE_EXITS, R_MEMSLOT_UPDATING, R_MMIO_CACHE, replay_trace
 from replay.mmu import KVM_ADDRESS_SPACE_NUM, R_MEMSLOT_GEN, REMOVED_SPTE_LOW
 from replay.role import ACC_ALL
 from replay.spte import (MMIO_RSVD_PA_VALUE, get_mmio_spte_access, get_mmio_spte_generation, get_mmio_spte_gfn,
@@ -236,3 +236,23 @@ def test_mmio_decisions_during_another_threads_memslot_update_are_undecidable(pa
     assert (result["mismatched"], result["missing"], result["extra"]) == (0, 0, 0), result["divergences"][:3]
     assert result["undecidable_reasons"][R_MEMSLOT_UPDATING] == 1
     assert result["by_kind"]["mmio_page_fault"]["undecidable"] == 1
+
+
+@pytest.mark.parametrize("path", MMIO_TRACES, ids=trace_id)
+def test_an_exit_that_may_clear_the_mmio_cache_makes_the_next_mmio_fault_undecidable(path, tmp_path):
+    """A CR3 write (SVM_EXIT_WRITE_CR3) may have cleared the vCPU's cached MMIO access: the next
+    MMIO fault is undecidable by name, and the access it caches makes the cache known again."""
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    i = [i for i, r in enumerate(rows) if r["event"] == "handle_mmio_page_fault"][10]
+    exit_row = max(j for j in range(i) if rows[j]["event"] == "kvm_exit")
+    reasons = table.column("exit_reason").to_pylist()
+    assert open_trace(path).metadata["kvm_backend"] == "kvm_amd" and 0x013 in MMIO_CACHE_EXITS["kvm_amd"]
+    reasons[exit_row] = 0x013
+    cr3 = tmp_path / "cr3.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("exit_reason"), "exit_reason",
+                                    pa.array(reasons, table.schema.field("exit_reason").type)), cr3)
+    before, after = replay_trace(path).to_json(), replay_trace(cr3).to_json()
+    assert (after["mismatched"], after["missing"], after["extra"]) == (0, 0, 0), after["divergences"][:3]
+    assert after["undecidable_reasons"][R_MMIO_CACHE] == 1
+    assert after["by_kind"]["mmio_page_fault"]["matched"] == before["by_kind"]["mmio_page_fault"]["matched"] - 1
