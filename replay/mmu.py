@@ -36,7 +36,7 @@ KVM_ADDRESS_SPACE_NUM = 2
 REMOVED_SPTE_LOW = 0x5A0
 
 # Undecidable reasons of the MMIO path (docs/undecidable.md).
-R_MEMSLOT_GEN = "memslot generation unknown: the VM's creation (KVM_CREATE_VM) is not in the trace"
+R_MEMSLOT_GEN = "memslot generation unknown: KVM_CREATE_VM is not in the trace (tracefs, or a capture started later)"
 R_MEMSLOT_GEN_FAILED = "memslot generation unknown: a KVM_SET_USER_MEMORY_REGION failed part-way"
 R_MMIO_SPTE_UNKNOWN = "MMIO fault on an SPTE the model lost (changed by an untraced path)"
 
@@ -253,19 +253,19 @@ class KvmArch:
         self.mmio = kvm_mmu_reset_all_pte_masks_mmio(allow, maxphyaddr_below_52=allow,
                                                      removed_spte=self.rules.nonpresent_spte | REMOVED_SPTE_LOW)
 
-    def make_mmio_spte(self, gfn: int, access: int) -> int | None:
-        """make_mmio_spte() with this VM's generation; None when the generation is unknown."""
-        if self.memslots_generation is None:
-            return None
-        return make_mmio_spte(self.mmio, self.memslots_generation, gfn, access)
+    def mmio_generation_unknown(self) -> str | None:
+        """Why the generation an MMIO SPTE embeds is unknown, or None."""
+        return None if self.memslots_generation is not None else self.generation_unknown
 
-    def trace_mark_mmio_spte(self, gfn: int, spte: int | None, twin: str, subject: Any = None) -> None:
+    def make_mmio_spte(self, gfn: int, access: int) -> int:
+        """make_mmio_spte() with this VM's generation.  While it is unknown the SPTE carries 0 there:
+        check_mmio_spte then never compares it (an unknown generation stays unknown)."""
+        return make_mmio_spte(self.mmio, self.memslots_generation or 0, gfn, access)
+
+    def trace_mark_mmio_spte(self, gfn: int, spte: int, twin: str, subject: Any = None) -> None:
         """The mark_mmio_spte tracepoint (gfn, the SPTE's low bits, its generation)."""
-        values: dict[str, Any] = {"gfn": gfn}
-        if spte is not None:
-            values.update(access=mark_mmio_spte_access(spte), gen=get_mmio_spte_generation(spte))
-        self.tp.emit(Decision("mark_mmio_spte", values, twin, None if spte is not None else self.generation_unknown,
-                              subject=subject))
+        values = {"gfn": gfn, "access": mark_mmio_spte_access(spte), "gen": get_mmio_spte_generation(spte)}
+        self.tp.emit(Decision("mark_mmio_spte", values, twin, self.mmio_generation_unknown(), subject=subject))
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
         for slot in self.memslots.values():

@@ -457,10 +457,10 @@ class ShadowMmu:
         return ret
 
     def mark_mmio_spte(self, sp: ShadowPage, index: int, gfn: int, access: int) -> None:
-        """An MMIO SPTE (no rmap: it maps no page); its value is unknown with the generation."""
+        """An MMIO SPTE (no rmap: it maps no page)."""
         spte = self.arch.make_mmio_spte(gfn, access)
         self.arch.trace_mark_mmio_spte(gfn, spte, "mark_mmio_spte", subject=(sp, index))
-        sp.sptes[index] = UNKNOWN_SPTE if spte is None else spte
+        sp.sptes[index] = spte
         sp.spte_ts[index] = self.arch.now_ns
 
     def shadow_walk_last(self, vcpu: VcpuMmu, addr: int) -> tuple[ShadowPage | None, int]:

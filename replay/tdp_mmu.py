@@ -464,10 +464,8 @@ class TdpMmu:
         rules = self.tdp_rules
         is_mmio = is_noslot_pfn(fault.pfn)
         if is_mmio:
-            mmio_spte = self.arch.make_mmio_spte(it.gfn, ACC_ALL)
-            # an unknown generation: write non-present; the recorded value is adopted
-            new = self.nonpresent if mmio_spte is None else mmio_spte
-            reason = None if mmio_spte is not None else self.arch.generation_unknown
+            new = self.arch.make_mmio_spte(it.gfn, ACC_ALL)
+            reason = self.arch.mmio_generation_unknown()  # then the recorded value is adopted
         else:
             new, _ = make_spte(NON_EPT, self.rules.spte, level=it.level, ad_disabled=False, pte_access=ACC_ALL,
                                pfn=fault.pfn, old_spte=it.old_spte, prefetch=False, synchronizing=False,
@@ -485,7 +483,7 @@ class TdpMmu:
         else:
             self.tdp_mmu_set_spte(it, new, True, "tdp_mmu_map_handle_target_level")
         if is_mmio:
-            self.arch.trace_mark_mmio_spte(it.gfn, None if reason else new, "tdp_mmu_map_handle_target_level")
+            self.arch.trace_mark_mmio_spte(it.gfn, new, "tdp_mmu_map_handle_target_level")
             return "emulate"
         self._emit("kvm_mmu_set_spte", {"gfn": it.gfn, "level": it.level, "spte": new, "sptep_offset": it.index * 8},
                    "tdp_mmu_map_handle_target_level", it.page, reason)
