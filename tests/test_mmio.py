@@ -31,6 +31,8 @@ LAB = Path(__file__).resolve().parent.parent / "examples" / "lab"
 MMIO_TRACES = sorted(LAB.glob("*-bcc/mmio.parquet"))
 TDP_MMIO = [p for p in MMIO_TRACES if "-tdp-" in p.parent.name]
 SHADOW_MMIO = [p for p in MMIO_TRACES if "-shadow-" in p.parent.name]
+#: The mmio_churn scenario: MMIO reads around a memslot create, flags change, move and delete.
+CHURN_TRACES = sorted(LAB.glob("*-bcc/mmio_churn.parquet"))
 MASKS = kvm_mmu_reset_all_pte_masks_mmio(True, maxphyaddr_below_52=True, removed_spte=REMOVED_SPTE_LOW)
 
 #: trace -> (decisions, matched, undecidable): the one undecidable is the untraced VM teardown.
@@ -39,6 +41,11 @@ EXPECTED = {
     "6.12-shadow-bcc": (594, 593, 1),
     "6.1-tdp-bcc": (559, 558, 1),
     "6.12-tdp-bcc": (559, 558, 1),
+}
+EXPECTED_CHURN = {
+    "6.1-shadow-bcc": (125, 124, 1),
+    "6.1-tdp-bcc": (4235, 4234, 1),
+    "6.12-shadow-bcc": (125, 124, 1),
 }
 
 
@@ -256,3 +263,65 @@ def test_an_exit_that_may_clear_the_mmio_cache_makes_the_next_mmio_fault_undecid
     assert (after["mismatched"], after["missing"], after["extra"]) == (0, 0, 0), after["divergences"][:3]
     assert after["undecidable_reasons"][R_MMIO_CACHE] == 1
     assert after["by_kind"]["mmio_page_fault"]["matched"] == before["by_kind"]["mmio_page_fault"]["matched"] - 1
+
+
+# ---- the generation across memslot updates, on real traces (scenario mmio_churn)
+
+
+def phases(path: Path) -> dict[str, list[dict]]:
+    """Each phase's recorded rows (from its marker to the next)."""
+    markers = open_trace(path).metadata["markers"]
+    out: dict[str, list[dict]] = {m["text"].split(":")[1]: [] for m in markers}
+    bounds = [(m["ts_ns"], m["text"].split(":")[1]) for m in markers]
+    for row in pq.read_table(path).to_pylist():
+        name = next((name for ts, name in reversed(bounds) if row["ts_ns"] >= ts), None)
+        if name is not None:
+            out[name].append(row)
+    return out
+
+
+def test_every_lab_mmio_churn_trace_is_committed():
+    assert sorted(map(trace_id, CHURN_TRACES)) == sorted(EXPECTED_CHURN)
+
+
+@pytest.mark.parametrize("path", CHURN_TRACES, ids=trace_id)
+def test_mmio_churn_replays_every_decision(path):
+    result = replay_trace(path).to_json()
+    assert (result["mismatched"], result["missing"], result["extra"]) == (0, 0, 0), result["divergences"][:3]
+    assert (result["decisions"], result["matched"], result["undecidable"]) == EXPECTED_CHURN[trace_id(path)]
+    assert result["by_kind"]["mark_mmio_spte"]["matched"] == len(recorded(path, "mark_mmio_spte")) == 5 * 4
+    assert result["by_kind"]["mmio_page_fault"]["matched"] == len(recorded(path, "handle_mmio_page_fault"))
+
+
+@pytest.mark.parametrize("path", CHURN_TRACES, ids=trace_id)
+def test_each_memslot_update_steps_the_recorded_generation_as_modelled(path):
+    """The kernel's generations in the trace: 2 per publication (the guest's own slot: 2), create
+    and flags once, move and delete twice; after create and flags the old MMIO SPTEs are stale
+    (check_mmio_spte's generations differ) and are marked again, after move and delete (fast zap)
+    they are made afresh.  The replay above matched every one of these marks."""
+    by_phase = phases(path)
+    gens = {name: {r["gen"] for r in rows if r["event"] == "mark_mmio_spte"} for name, rows in by_phase.items()}
+    publications = {"mmio": 1, "create": 2, "flags": 3, "move": 5, "delete": 7}
+    assert {name: gens[name] for name in publications} == \
+        {name: {n * KVM_ADDRESS_SPACE_NUM} for name, n in publications.items()}
+    for name in ("create", "flags"):
+        stale = [r for r in by_phase[name] if r["event"] == "check_mmio_spte" and r["gen"] != r["kvm_gen"]]
+        assert len(stale) == 4, name
+    for name in ("move", "delete"):
+        assert [r["event"] for r in by_phase[name]].count("kvm_mmu_zap_all_fast") == 1
+
+
+@pytest.mark.parametrize("path", CHURN_TRACES, ids=trace_id)
+def test_changing_the_generation_of_one_stale_remark_is_caught_there(path, tmp_path):
+    """A mark made after check_mmio_spte found the old SPTE stale (the flags phase)."""
+    table = pq.read_table(path)
+    flags_start = next(m["ts_ns"] for m in open_trace(path).metadata["markers"] if m["text"].endswith(":flags"))
+    rows = table.to_pylist()
+    i = next(i for i, r in enumerate(rows) if r["event"] == "mark_mmio_spte" and r["ts_ns"] >= flags_start)
+    gens = table.column("gen").to_pylist()
+    gens[i] -= KVM_ADDRESS_SPACE_NUM  # the generation before the flags change
+    dst = tmp_path / "tampered.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("gen"), "gen",
+                                    pa.array(gens, table.schema.field("gen").type)), dst)
+    div = only_divergence(dst)
+    assert (div["ts_ns"], div["verdict"], div["kind"]) == (rows[i]["ts_ns"], "mismatch", "mark_mmio_spte")
