@@ -63,15 +63,23 @@ def mmio_spte_changes(path: Path) -> list[dict]:
     return [r for r in recorded(path, "kvm_tdp_mmu_spte_changed") if is_mmio_spte(MASKS, r["new_spte"])]
 
 
-def test_every_lab_mmio_trace_is_committed():
-    assert sorted(map(trace_id, MMIO_TRACES)) == sorted(EXPECTED)
+def replay_exactly(path: Path, expected: dict[str, tuple[int, int, int]]) -> dict:
+    """Replay ``path``: no divergence, and exactly its (decisions, matched, undecidable)."""
+    result = replay_trace(path).to_json()
+    assert (result["mismatched"], result["missing"], result["extra"]) == (0, 0, 0), result["divergences"][:3]
+    assert (result["decisions"], result["matched"], result["undecidable"]) == expected[trace_id(path)]
+    return result
+
+
+@pytest.mark.parametrize(("traces", "expected"), [(MMIO_TRACES, EXPECTED), (CHURN_TRACES, EXPECTED_CHURN)],
+                         ids=["mmio", "mmio_churn"])
+def test_every_lab_trace_of_the_scenario_is_committed(traces, expected):
+    assert sorted(map(trace_id, traces)) == sorted(expected)
 
 
 @pytest.mark.parametrize("path", MMIO_TRACES, ids=trace_id)
 def test_every_mmio_decision_is_decided_and_matched(path):
-    result = replay_trace(path).to_json()
-    assert (result["mismatched"], result["missing"], result["extra"]) == (0, 0, 0), result["divergences"][:3]
-    assert (result["decisions"], result["matched"], result["undecidable"]) == EXPECTED[trace_id(path)]
+    result = replay_exactly(path, EXPECTED)
     marks, faults = len(recorded(path, "mark_mmio_spte")), len(recorded(path, "handle_mmio_page_fault"))
     assert marks == 16 and faults > 200  # one SPTE per page of the 16-page window; the rest are RSVD faults
     assert result["by_kind"]["mark_mmio_spte"]["matched"] == marks
@@ -281,15 +289,9 @@ def phases(path: Path) -> dict[str, list[dict]]:
     return out
 
 
-def test_every_lab_mmio_churn_trace_is_committed():
-    assert sorted(map(trace_id, CHURN_TRACES)) == sorted(EXPECTED_CHURN)
-
-
 @pytest.mark.parametrize("path", CHURN_TRACES, ids=trace_id)
 def test_mmio_churn_replays_every_decision(path):
-    result = replay_trace(path).to_json()
-    assert (result["mismatched"], result["missing"], result["extra"]) == (0, 0, 0), result["divergences"][:3]
-    assert (result["decisions"], result["matched"], result["undecidable"]) == EXPECTED_CHURN[trace_id(path)]
+    result = replay_exactly(path, EXPECTED_CHURN)
     assert result["by_kind"]["mark_mmio_spte"]["matched"] == len(recorded(path, "mark_mmio_spte")) == 5 * 4
     assert result["by_kind"]["mmio_page_fault"]["matched"] == len(recorded(path, "handle_mmio_page_fault"))
 
