@@ -29,13 +29,14 @@ import pyarrow as pa
 
 from mmutrace import schema
 from mmutrace.errors import MmutraceError, TraceFileError
+from mmutrace.kvm.uapi import KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION
 from replay.decisions import COMPARED, DECISION_EVENTS, IDENTITY, KIND, Decision, Tracepoints
 from replay.mmu import (BITS_PER_LONG, KVM_REFILL_PAGES, PML_LOG_NR_ENTRIES, FaultIn, FaultInResult, KvmArch, KvmMmu,
                         KvmPageFault, VcpuMmu)
-from replay.paging_tmpl import PTTYPE_64, GuestWalker, walk_addr_generic
+from replay.paging_tmpl import PFERR_RSVD_MASK, PTTYPE_64, GuestWalker, walk_addr_generic
 from replay.role import known_role_mask
 from replay.shadow_mmu import R_PARAMS, R_QUOTA, UNKNOWN_SPTE, ShadowMmu, ShadowPage
-from replay.spte import PT_WRITABLE_MASK
+from replay.spte import PT_WRITABLE_MASK, is_mmio_spte, is_shadow_present_pte
 from replay.tdp_replay import TdpReplay, wrong_model_error
 from replay.versions import Split, VersionRules, rules_for_release
 
@@ -51,6 +52,17 @@ R_STALE_RACE = "mmu_notifier invalidation raced with the fault: only its start i
 R_LOST = "events lost on this CPU"
 R_WALK = "guest walk incomplete in the trace (a kvm_mmu_paging_element missing)"
 R_TDP = "TDP MMU decision: no TDP MMU model installed"
+R_MEMSLOT_UPDATING = "MMIO decision while another thread's KVM_SET_USER_MEMORY_REGION was in flight"
+R_MMIO_CACHE = "vCPU MMIO cache: an exit that may have cleared it (CR0/CR3/CR4/EFER write, INVLPG, task switch)"
+#: Exits whose handling may clear the vCPU's cached MMIO access (kvm_mmu_new_pgd on a CR3 load,
+#: kvm_mmu_reset_context on a CR0/CR4/EFER change, kvm_mmu_invlpg / invpcid): the exit does not
+#: say whether it did, so the cache becomes unknown.  By vendor module (uapi svm.h / vmx.h codes).
+MMIO_CACHE_EXITS: dict[str, frozenset[int]] = {
+    "kvm_amd": frozenset({0x010, 0x013, 0x014, 0x065, 0x079, 0x07A, 0x07C, 0x07D, 0x08F, 0x090, 0x094, 0x0A2}),
+    "kvm_intel": frozenset({9, 14, 28, 32, 58}),
+}
+#: Decisions that read the memslot generation (a TDP MMIO SPTE's spte_changed too: see mmio_reason).
+MMIO_EVENTS = frozenset({"mark_mmio_spte", "handle_mmio_page_fault"})
 
 #: Events that end a vCPU thread's current episode (the guest ran again or exited to userspace).
 BOUNDARY_EVENTS = frozenset({"kvm_entry", "kvm_exit", "kvm_pio", "kvm_mmio", "kvm_userspace_exit",
@@ -74,7 +86,7 @@ READ_COLUMNS = ["ts_ns", "cpu", "seq", "tid", "vm", "vcpu", "event", "gfn", "lev
                 "mmu_valid_gen", "unsync", "created", "spte", "sptep", "pfn", "addr", "end", "error_code",
                 "mmu_used", "mmu_max", "map_writable", "req_level", "count", "slot_id", "slot_base_gfn",
                 "slot_npages", "slot_hva", "slot_flags", "cr0", "cr3", "cr4", "efer", "ret", "old_spte",
-                "new_spte", "as_id", "access", "gen", "cap", "value", "size"]
+                "new_spte", "as_id", "access", "gen", "cap", "value", "size", "ioctl", "exit_reason"]
 
 #: Rows converted to Python at a time: a whole row group's columns as Python ints would cost more
 #: memory than the model state of a large trace (~40 bytes a value); 64k rows keep it to ~60 MB.
@@ -287,6 +299,10 @@ class VmReplay:
         self.stale_reason: str | None = None
         #: tid -> when it last started an invalidation that hit a memslot (or an unknown layout).
         self.invalidations: dict[int, int] = {}
+        #: The thread inside KVM_SET_USER_MEMORY_REGION (entry traced, return not yet): the
+        #: generation other threads read meanwhile may be the old one, in progress, or the new one.
+        self.memslot_update_tid: int | None = None
+        self.mmio_cache_exits = MMIO_CACHE_EXITS.get(meta.get("kvm_backend") or "", frozenset())
 
     # ---- threads and vCPUs
 
@@ -313,6 +329,10 @@ class VmReplay:
         """One event other than a guest PTE (those go straight to ``open_walk``)."""
         t = self.thread(row["tid"])
         t.last_ts = self.arch.now_ns = row["ts_ns"]
+        if ev == "ioctl_ret":
+            self.ioctl_ret(row)
+        elif ev == "kvm_exit" and row["exit_reason"] in self.mmio_cache_exits:
+            self.vcpu_of(t, row.get("vcpu")).mmio_info_unknown = R_MMIO_CACHE
         if self.tdp_replay is not None and self.tdp_replay.handle(t, ev, row):
             return
         if ev == "kvm_tdp_mmu_spte_changed" and self.tdp_replay is None:
@@ -345,6 +365,25 @@ class VmReplay:
         elif ev in BOUNDARY_EVENTS:
             self.end_episode(t, row)
             t.emulating = None
+            if ev == "kvm_page_fault" and row["error_code"] & PFERR_RSVD_MASK:
+                self.mmio_page_fault(t, row)
+
+    def mmio_page_fault(self, t: Thread, row: dict[str, Any]) -> None:
+        """kvm_mmu_page_fault's RSVD branch for a shadow root: the walk that follows a stale
+        generation ("invalid") is the normal fault, which the walk events start as usual."""
+        vcpu = self.vcpu_of(t, row.get("vcpu"))
+        self.mmu.handle_mmio_page_fault(vcpu, row["addr"], self.mmu.root_role_direct(vcpu))
+        self.take_predictions(t)
+
+    def ioctl_ret(self, row: dict[str, Any]) -> None:
+        """A traced KVM_CREATE_VM starts the memslot generation; a failed memslot update loses it."""
+        if row.get("ioctl") == KVM_CREATE_VM and row.get("ret", -1) >= 0:
+            self.mmu.kvm_create_vm()
+        elif row.get("ioctl") == KVM_SET_USER_MEMORY_REGION:
+            if row["tid"] == self.memslot_update_tid:
+                self.memslot_update_tid = None
+            if row.get("ret"):
+                self.mmu.kvm_set_memory_region_failed()
 
     # ---- walks and faults
 
@@ -414,7 +453,18 @@ class VmReplay:
         for d in self.tp.drain():
             if not d.undecidable:
                 d.undecidable = t.fault_reason or (R_PARAMS if d.event in self.param_kinds else None)
+                if self.memslot_update_tid is not None and not d.undecidable:
+                    d.undecidable = self.mmio_reason(t, d.event, d.values)
             t.pending.append(d)
+
+    def mmio_reason(self, t: Thread, ev: str, values: Any) -> str | None:
+        """R_MEMSLOT_UPDATING for a decision that reads the generation during another thread's update."""
+        if self.memslot_update_tid in (None, t.tid):
+            return None
+        if ev in MMIO_EVENTS or (ev == "kvm_tdp_mmu_spte_changed"
+                                 and is_mmio_spte(self.arch.mmio, values.get("new_spte") or 0)):
+            return R_MEMSLOT_UPDATING
+        return None
 
     def correct_from_error_code(self, vcpu: VcpuMmu, fault: KvmPageFault, walk_ts: int) -> None:
         """The hardware error code is an input about the SPTE the guest used when it faulted:
@@ -422,29 +472,18 @@ class VmReplay:
         range the model could not place); a present write fault means it was write-protected
         (dirty logging).  Only SPTEs written before the fault's walk are corrected: another vCPU
         may have installed one since (the race multi_vcpu records)."""
-        sp, index = self.leaf_entry(vcpu, fault.addr)
+        sp, index = self.shadow.shadow_walk_last(vcpu, fault.addr)
         if sp is None or index not in sp.sptes or sp.spte_ts.get(index, 0) >= walk_ts:
             return
         spte = sp.sptes[index]
+        if spte != UNKNOWN_SPTE and not is_shadow_present_pte(spte):
+            return  # an MMIO SPTE: its faults are RSVD faults, not about a lost leaf
         if not fault.present:
             self.shadow.drop_spte(sp, index)
             self.result.adopted += 1
         elif fault.write and spte != UNKNOWN_SPTE and spte & PT_WRITABLE_MASK:
             sp.sptes[index] = spte & ~PT_WRITABLE_MASK
             self.result.adopted += 1
-
-    def leaf_entry(self, vcpu: VcpuMmu, addr: int) -> tuple[ShadowPage | None, int]:
-        """The shadow page and index where the walk for ``addr`` ends (a leaf or a missing link)."""
-        sp = vcpu.root
-        if sp is None:
-            return None, 0
-        level = self.rules.role_layout.get(sp.role, "level")
-        while True:
-            index = (addr >> (12 + 9 * (level - 1))) & 511
-            child = sp.children.get(index)
-            if child is None:
-                return sp, index
-            sp, level = child, level - 1
 
     def stale_since(self, walk: Walk, gfn: int) -> bool | None:
         """is_page_fault_stale(): did an invalidation hitting a memslot move mmu_invalidate_seq
@@ -558,6 +597,7 @@ class VmReplay:
         self.end_episode(t, row)
         if ev == "ioctl_set_user_memory_region":
             self.forget_memslot_gptes(row["slot_id"], row["slot_base_gfn"], row["slot_npages"])
+            self.memslot_update_tid = t.tid
             self.mmu.kvm_set_memory_region(row["slot_id"], row["slot_base_gfn"], row["slot_npages"],
                                            row["slot_hva"], row["slot_flags"] or 0)
         elif ev == "ioctl_set_nr_mmu_pages":
@@ -689,6 +729,8 @@ class VmReplay:
         """Why this recorded decision could not be predicted, or None if the model should have."""
         if ev in self.param_kinds:
             return R_PARAMS
+        if self.memslot_update_tid is not None and (reason := self.mmio_reason(t, ev, row)):
+            return reason
         if ev == "kvm_tdp_mmu_spte_changed":
             return R_TDP
         if ev == "kvm_mmu_set_spte" and t.prefetch is not None:

@@ -19,6 +19,9 @@ from replay.guest_memory import GuestMemory
 from replay.paging_tmpl import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK,
                                 PFERR_WRITE_MASK, CpuRole, GuestWalker)
 from replay.shadow_mmu_api import ShadowMmuApi
+from replay.spte import (MMIO_SPTE_GEN_MASK, MmioSpteMasks, get_mmio_spte_access, get_mmio_spte_gfn,
+                         get_mmio_spte_generation, is_mmio_spte, kvm_mmu_reset_all_pte_masks_mmio, make_mmio_spte,
+                         mark_mmio_spte_access)
 from replay.tdp_mmu_api import TdpMmuApi
 from replay.versions import Split, VersionRules
 
@@ -39,6 +42,17 @@ R_MANUAL_PROTECT = "KVM_ENABLE_CAP untraced: whether KVM_GET_DIRTY_LOG write-pro
 R_CLEAR_MASK = "KVM_CLEAR_DIRTY_LOG mask untraced (or longer than the recorder reads)"
 R_INITIALLY_SET = "KVM_DIRTY_LOG_INITIALLY_SET harvest (huge-page write-protect and split) is not modelled"
 R_PML = "dirty-log harvest with PML: the pages the PML buffer logged are untraced"
+
+#: x86 has two memslot address spaces (normal, SMM: CONFIG_KVM_SMM, set in Debian's 6.1 and 6.12):
+#: each keeps its own generation and every update steps it by 2 (kvm_swap_active_memslots).
+KVM_ADDRESS_SPACE_NUM = 2
+#: REMOVED_SPTE / FROZEN_SPTE's low bits: an MMIO value must never match them.
+REMOVED_SPTE_LOW = 0x5A0
+
+# Undecidable reasons of the MMIO path (docs/undecidable.md).
+R_MEMSLOT_GEN = "memslot generation unknown: KVM_CREATE_VM is not in the trace (tracefs, or a capture started later)"
+R_MEMSLOT_GEN_FAILED = "memslot generation unknown: a KVM_SET_USER_MEMORY_REGION failed part-way"
+R_MMIO_SPTE_UNKNOWN = "MMIO fault on an SPTE the model lost (changed by an untraced path)"
 
 #: Upstream defaults of the kvm module parameters this host adds; any other value makes the
 #: decisions it could change undecidable (docs/undecidable.md).
@@ -189,6 +203,31 @@ class VcpuMmu:
     needs_load: bool = True
     #: CR0/CR3/CR4/EFER came from a traced KVM_SET_SREGS (else the root role is adopted).
     sregs_known: bool = False
+    #: The last MMIO access (vcpu->arch.mmio_gva/gfn/access/gen): a hit emulates with no event.
+    mmio_gva: int = 0
+    mmio_gfn: int = 0
+    mmio_access: int = 0
+    #: The memslot update count when cached (stands for the generation: only equality is tested).
+    mmio_gen: int = 0
+    #: Why the cache's content is unknown (None: known): an access before the trace, a lost SPTE,
+    #: an exit that may have cleared it.  The next access that fills it makes it known again.
+    mmio_info_unknown: str | None = None
+
+    def vcpu_cache_mmio_info(self, gva: int, gfn: int, access: int, gen: int) -> None:
+        """x86.h vcpu_cache_mmio_info (the in-progress skip cannot happen: updates are atomic here)."""
+        self.mmio_gva, self.mmio_access, self.mmio_gfn, self.mmio_gen = gva & ~0xFFF, access, gfn, gen
+        self.mmio_info_unknown = None
+
+    def vcpu_clear_mmio_info(self) -> None:
+        """vcpu_clear_mmio_info(vcpu, MMIO_GVA_ANY): roots unloaded or synced, CR3 switched.  Only the
+        gva goes: a direct root's gpa match still sees mmio_gfn."""
+        self.mmio_gva = 0
+
+    def vcpu_match_mmio_gva(self, gva: int, gen: int) -> bool:
+        return self.mmio_gen == gen and bool(self.mmio_gva) and self.mmio_gva == gva & ~0xFFF
+
+    def vcpu_match_mmio_gpa(self, gpa: int, gen: int) -> bool:
+        return self.mmio_gen == gen and bool(self.mmio_gfn) and self.mmio_gfn == gpa >> 12
 
 
 @dataclass
@@ -231,6 +270,39 @@ class KvmArch:
     def kvm_dirty_log_manual_protect_and_init_set(self) -> bool:
         return bool((self.manual_dirty_log_protect or 0) & KVM_DIRTY_LOG_INITIALLY_SET)
 
+    #: enable_mmio_caching and the MMIO SPTE masks (from the recorded kvm parameter).
+    mmio: MmioSpteMasks = field(init=False)
+    #: Address space 0's memslots->generation; None while unknown (``generation_unknown`` says why).
+    memslots_generation: int | None = None
+    generation_unknown: str = R_MEMSLOT_GEN
+    #: Memslot updates replayed (kvm_swap_active_memslots calls): what a cached MMIO access's
+    #: generation is compared by, known even when the generation itself is not.
+    memslot_updates: int = 0
+
+    def __post_init__(self) -> None:
+        self.kvm_mmu_reset_all_pte_masks()
+
+    def kvm_mmu_reset_all_pte_masks(self) -> None:
+        """The MMIO part: the recorded ``mmio_caching`` is the kernel's enable_mmio_caching after its
+        own rules (it writes the result back), so on means the host had a reserved PA bit for it."""
+        allow = str(self.kvm_params.get("mmio_caching", "N")).upper().startswith("Y")
+        self.mmio = kvm_mmu_reset_all_pte_masks_mmio(allow, maxphyaddr_below_52=allow,
+                                                     removed_spte=self.rules.nonpresent_spte | REMOVED_SPTE_LOW)
+
+    def mmio_generation_unknown(self) -> str | None:
+        """Why the generation an MMIO SPTE embeds is unknown, or None."""
+        return None if self.memslots_generation is not None else self.generation_unknown
+
+    def make_mmio_spte(self, gfn: int, access: int) -> int:
+        """make_mmio_spte() with this VM's generation.  While it is unknown the SPTE carries 0 there:
+        check_mmio_spte then never compares it (an unknown generation stays unknown)."""
+        return make_mmio_spte(self.mmio, self.memslots_generation or 0, gfn, access)
+
+    def trace_mark_mmio_spte(self, gfn: int, spte: int, twin: str, subject: Any = None) -> None:
+        """The mark_mmio_spte tracepoint (gfn, the SPTE's low bits, its generation)."""
+        values = {"gfn": gfn, "access": mark_mmio_spte_access(spte), "gen": get_mmio_spte_generation(spte)}
+        self.tp.emit(Decision("mark_mmio_spte", values, twin, self.mmio_generation_unknown(), subject=subject))
+
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
         for slot in self.memslots.values():
             if slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
@@ -256,6 +328,15 @@ def bitmap_words(bitmap: int, first: int, npages: int) -> list[tuple[int, int]]:
             if (word := (bitmap >> offset) & LONG_MASK)]
 
 
+def kvm_handle_noslot_fault(arch: KvmArch, vcpu: VcpuMmu, fault: KvmPageFault, access: int) -> bool:
+    """kvm_faultin_pfn on a gfn without a memslot (6.1: handle_abnormal_pfn): cache the access;
+    True = emulate now, with no MMIO SPTE (mmio_caching off; a gfn above MAXPHYADDR would too, which
+    only a guest lied to about MAXPHYADDR makes)."""
+    vcpu.vcpu_cache_mmio_info(0 if fault.is_tdp else fault.addr, fault.gfn, access & arch.mmio.access_mask,
+                              arch.memslot_updates)
+    return not arch.mmio.enable_mmio_caching
+
+
 class KvmMmu:
     """One VM's MMU: common mmu.c code dispatching to the shadow and TDP MMUs."""
 
@@ -274,14 +355,74 @@ class KvmMmu:
         vcpu = self.vcpus.get(vcpu_id)
         if vcpu is None:
             vcpu = self.vcpus[vcpu_id] = VcpuMmu(vcpu_id)
+            vcpu.mmio_info_unknown = None if self.arch.memslots_generation is not None else R_MEMSLOT_GEN
         return vcpu
+
+    def root_role_direct(self, vcpu: VcpuMmu) -> bool:
+        """vcpu->arch.mmu->root_role.direct: TDP roots, and shadow roots of non-paging guests."""
+        if self.tdp_mmu_enabled:
+            return True
+        role = vcpu.root_role if vcpu.root_role is not None else getattr(vcpu.root, "role", None)
+        return role is not None and bool(self.arch.rules.role_layout.get(role, "direct"))
 
     # ---- faults
 
-    def kvm_mmu_page_fault(self, vcpu: VcpuMmu, fault: KvmPageFault) -> Generator[FaultIn, Any, int]:
-        """kvm_mmu_page_fault(): RSVD faults would go to handle_mmio_page_fault (mmio_caching=N on
-        the hosts we model, so none), then kvm_mmu_do_page_fault."""
-        return (yield from self.kvm_mmu_do_page_fault(vcpu, fault))
+    def kvm_mmu_page_fault(self, vcpu: VcpuMmu, fault: KvmPageFault) -> Generator[FaultIn, Any, int | str]:
+        """kvm_mmu_page_fault(): an RSVD fault (an MMIO SPTE hit) goes to handle_mmio_page_fault
+        first; a stale generation ("invalid") continues as a normal fault."""
+        ret: int | str = "invalid"
+        if fault.rsvd:
+            ret = self.handle_mmio_page_fault(vcpu, fault.addr, self.root_role_direct(vcpu))
+        if ret == "invalid":
+            ret = yield from self.kvm_mmu_do_page_fault(vcpu, fault)
+        return ret
+
+    # ---- MMIO SPTEs (mmu.c; the SPTE encoding is replay.spte's)
+
+    def mmio_info_in_cache(self, vcpu: VcpuMmu, addr: int, direct: bool) -> bool | None:
+        """None when the cache may hold an access from before the trace."""
+        if vcpu.mmio_info_unknown is not None:
+            return None
+        gen = self.arch.memslot_updates
+        return vcpu.vcpu_match_mmio_gpa(addr, gen) if direct else vcpu.vcpu_match_mmio_gva(addr, gen)
+
+    def get_mmio_spte(self, vcpu: VcpuMmu, addr: int) -> int | None:
+        """The last SPTE of a lockless walk for ``addr`` (None: the model lost its value)."""
+        if self.tdp is not None and self.tdp_mmu_enabled:
+            return self.tdp.kvm_tdp_mmu_get_walk(vcpu, addr)
+        return self.shadow.get_walk(vcpu, addr)
+
+    def check_mmio_spte(self, spte: int) -> bool | None:
+        """The SPTE's generation against the memslots' (None: the memslots' is unknown)."""
+        if self.arch.memslots_generation is None:
+            return None
+        return (self.arch.memslots_generation & MMIO_SPTE_GEN_MASK) == get_mmio_spte_generation(spte)
+
+    def handle_mmio_page_fault(self, vcpu: VcpuMmu, addr: int, direct: bool) -> str:
+        """A cached access emulates silently; a current MMIO SPTE emulates with the event and fills
+        the cache; a stale one is "invalid" (a normal fault follows); anything else is "retry"."""
+        cached = self.mmio_info_in_cache(vcpu, addr, direct)
+        if cached:
+            return "emulate"
+        spte = self.get_mmio_spte(vcpu, addr)
+        if spte is None:
+            self.arch.tp.emit(Decision("handle_mmio_page_fault", {"addr": 0 if direct else addr},
+                                       "handle_mmio_page_fault", R_MMIO_SPTE_UNKNOWN))
+            vcpu.mmio_info_unknown = R_MMIO_SPTE_UNKNOWN  # cached or not, as the lost SPTE was MMIO or not
+            return "emulate"
+        if not is_mmio_spte(self.arch.mmio, spte):
+            return "retry"
+        gfn, access = get_mmio_spte_gfn(self.arch.mmio, spte), get_mmio_spte_access(self.arch.mmio, spte)
+        valid = self.check_mmio_spte(spte)
+        if valid is False:
+            return "invalid"
+        if direct:
+            addr = 0
+        reason = self.arch.generation_unknown if valid is None else vcpu.mmio_info_unknown
+        self.arch.tp.emit(Decision("handle_mmio_page_fault", {"addr": addr, "gfn": gfn, "access": access},
+                                   "handle_mmio_page_fault", reason))
+        vcpu.vcpu_cache_mmio_info(addr, gfn, access, self.arch.memslot_updates)
+        return "emulate"
 
     def kvm_mmu_do_page_fault(self, vcpu: VcpuMmu, fault: KvmPageFault) -> Generator[FaultIn, Any, int]:
         """The one place that picks an MMU: TDP MMU for direct roots when enabled, else the shadow MMU.
@@ -312,7 +453,8 @@ class KvmMmu:
 
     def kvm_mmu_reset_context(self, vcpu: VcpuMmu) -> None:
         """kvm_mmu_unload: free the current and the cached previous roots (mmu_free_root_page puts a
-        TDP MMU root through kvm_tdp_mmu_put_root)."""
+        TDP MMU root through kvm_tdp_mmu_put_root), and forget the cached MMIO access."""
+        vcpu.vcpu_clear_mmio_info()
         if self.tdp is not None and self.tdp_mmu_enabled:
             self.tdp.kvm_tdp_mmu_put_root(vcpu)
             return
@@ -341,21 +483,50 @@ class KvmMmu:
 
     # ---- memslots
 
+    def kvm_create_vm(self) -> None:
+        """KVM_CREATE_VM is in the trace: address space 0's memslots start at generation 0."""
+        self.arch.memslots_generation = 0
+        for vcpu in self.vcpus.values():
+            vcpu.mmio_info_unknown = None
+
+    def kvm_swap_active_memslots(self) -> None:
+        """Publish new memslots: the generation steps by the number of address spaces (the in-progress
+        bit in between is never seen: the model applies an update at once), then
+        kvm_arch_memslots_updated."""
+        self.arch.memslot_updates += 1
+        if self.arch.memslots_generation is not None:
+            self.arch.memslots_generation += KVM_ADDRESS_SPACE_NUM
+            self.kvm_mmu_invalidate_mmio_sptes(self.arch.memslots_generation)
+
+    def kvm_mmu_invalidate_mmio_sptes(self, gen: int) -> None:
+        """When the MMIO generation wraps (ignoring the address-space bit), zap every page."""
+        if not gen & MMIO_SPTE_GEN_MASK & ~(KVM_ADDRESS_SPACE_NUM - 1):
+            self.kvm_mmu_zap_all_fast()
+
     def kvm_set_memory_region(self, slot_id: int, base_gfn: int, npages: int, hva: int, flags: int) -> None:
-        """KVM_SET_USER_MEMORY_REGION: create, delete (npages 0), move or change flags of a slot."""
+        """KVM_SET_USER_MEMORY_REGION: create, delete (npages 0), move or change flags of a slot.
+
+        kvm_set_memslot publishes memslots once for a create or a flags change and twice for a delete
+        or a move (first the old slot marked invalid: kvm_invalidate_memslot); no change, none.
+        """
         old = self.arch.memslots.get(slot_id)
         self.arch.memslots_known = True
         if npages == 0:
             if old is None:
                 return
+            self.kvm_swap_active_memslots()  # kvm_invalidate_memslot
             self.kvm_arch_flush_shadow_memslot(old)
             del self.arch.memslots[slot_id]
+            self.kvm_swap_active_memslots()  # kvm_delete_memslot
             self.kvm_arch_commit_memory_region(create_or_delete=True)
             return
         new = Memslot(slot_id, base_gfn, npages, hva, flags, self.kvm_alloc_dirty_bitmap(old, npages, flags))
         if old is not None and old.base_gfn != base_gfn:
+            self.kvm_swap_active_memslots()  # kvm_invalidate_memslot
             self.kvm_arch_flush_shadow_memslot(old)  # KVM_MR_MOVE
         self.arch.memslots[slot_id] = new
+        if old is None or (old.base_gfn, old.flags) != (base_gfn, flags):
+            self.kvm_swap_active_memslots()
         if old is None:
             self.kvm_arch_commit_memory_region(create_or_delete=True)
         elif (old.flags ^ flags) & KVM_MEM_LOG_DIRTY_PAGES and flags & KVM_MEM_LOG_DIRTY_PAGES:
@@ -438,6 +609,11 @@ class KvmMmu:
         if self.tdp is not None and self.tdp_mmu_enabled:
             self.tdp.kvm_tdp_mmu_clear_dirty_pt_masked(slot, slot.base_gfn + gfn_offset, mask)
         return None
+
+    def kvm_set_memory_region_failed(self) -> None:
+        """The ioctl returned an error: how many times it published memslots is not in the trace."""
+        self.arch.memslots_generation = None
+        self.arch.generation_unknown = R_MEMSLOT_GEN_FAILED
 
     def kvm_arch_commit_memory_region(self, create_or_delete: bool) -> None:
         """The default quota: 2% of memslot pages, at least 64, unless userspace set one."""

@@ -16,12 +16,12 @@ from typing import Any
 
 from replay.decisions import Decision
 from replay.mmu import (KVM_MIN_FREE_MMU_PAGES, KVM_REFILL_PAGES, FaultIn, KvmArch, KvmPageFault, Memslot,
-                        VcpuMmu)
+                        VcpuMmu, kvm_handle_noslot_fault)
 from replay.paging_tmpl import (PTTYPE_64, GuestWalker, gpte_access, gpte_to_gfn_lvl, prefetch_invalid_gpte,
                                  protect_clean_gpte)
 from replay.role import ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK, kvm_mmu_child_role
-from replay.spte import (NON_EPT, PT_WRITABLE_MASK, SpteFlavor, is_shadow_present_pte, make_spte, spte_to_pfn,
-                         spte_write_protect)
+from replay.spte import (NON_EPT, PT_WRITABLE_MASK, SpteFlavor, get_mmio_spte_gfn, is_mmio_spte, is_noslot_pfn,
+                         is_shadow_present_pte, make_spte, spte_to_pfn, spte_write_protect)
 
 #: An SPTE whose value the model lost (changed by an untraced path); see docs/undecidable.md.
 UNKNOWN_SPTE = -1
@@ -37,6 +37,7 @@ R_PREFETCH_GPTE = "prefetched SPTE: neighbouring gpte unknown (not walked since 
 R_PREFETCH_PFN = "prefetched SPTE: neighbour's host page unknown (not faulted in since its last unmap)"
 R_PREFETCH_INVALIDATION = "prefetched SPTE: an mmu_notifier invalidation may be in progress"
 R_PARAMS = "non-default non-upstream kvm parameter"
+R_SYNC_GPTE = "MMIO SPTE re-marked by sync_page: the guest PTE it read is untraced"
 
 
 class ShadowPage:
@@ -358,17 +359,26 @@ class ShadowMmu:
         sp.unsync = False
 
     def kvm_sync_page(self, vcpu: VcpuMmu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> int:
-        """Re-read the page's gptes (not traced): its present SPTEs become unknown to the model."""
+        """Re-read the page's gptes (not traced): its SPTEs become unknown to the model.  An MMIO
+        SPTE whose gpte still maps the same gfn is marked again (sync_mmio_spte): an event whose
+        access comes from that gpte."""
         if sp.sptes:
             self.distrust_gptes()
         for index, spte in sp.sptes.items():
             if spte != UNKNOWN_SPTE:
+                if is_mmio_spte(self.arch.mmio, spte):
+                    self._emit("mark_mmio_spte", {"gfn": get_mmio_spte_gfn(self.arch.mmio, spte)}, "sync_mmio_spte",
+                               (sp, index), R_SYNC_GPTE)
                 sp.sptes[index] = UNKNOWN_SPTE
         return 0
 
     def kvm_mmu_sync_roots(self, vcpu: VcpuMmu) -> None:
+        """Forget the cached MMIO access (its gva may map elsewhere now), then sync unsync children."""
         root = vcpu.root
-        if root is None or (not root.unsync and not root.unsync_children):
+        if root is None or self.layout.get(root.role, "direct"):
+            return
+        vcpu.vcpu_clear_mmio_info()
+        if not root.unsync and not root.unsync_children:
             return
         self.mmu_sync_children(vcpu, root, True)
 
@@ -423,13 +433,16 @@ class ShadowMmu:
         elif child is not None and level > 1:
             self.drop_parent_pte(child, sp, index)
             old = self.rules.nonpresent_spte
-        elif index in sp.sptes:
+        elif is_shadow_present_pte(old):
             if prefetch and spte_to_pfn(old) == pfn:
                 return "spurious"
             if spte_to_pfn(old) != pfn:
                 self.drop_spte(sp, index, gfn)
                 old = self.rules.nonpresent_spte
-        was_rmapped = index in sp.sptes
+        was_rmapped = is_shadow_present_pte(sp.sptes.get(index, self.rules.nonpresent_spte))
+        if is_noslot_pfn(pfn):
+            self.mark_mmio_spte(sp, index, gfn, pte_access)
+            return "emulate"
 
         saved, self.undecidable = self.undecidable, self.undecidable or unknown
         try:
@@ -453,6 +466,31 @@ class ShadowMmu:
         if not was_rmapped:
             self.rmap_add(sp, index, gfn)
         return ret
+
+    def mark_mmio_spte(self, sp: ShadowPage, index: int, gfn: int, access: int) -> None:
+        """An MMIO SPTE (no rmap: it maps no page)."""
+        spte = self.arch.make_mmio_spte(gfn, access)
+        self.arch.trace_mark_mmio_spte(gfn, spte, "mark_mmio_spte", subject=(sp, index))
+        sp.sptes[index] = spte
+        sp.spte_ts[index] = self.arch.now_ns
+
+    def shadow_walk_last(self, vcpu: VcpuMmu, addr: int) -> tuple[ShadowPage | None, int]:
+        """The shadow page and index where the walk for ``addr`` ends (a leaf or a missing link)."""
+        sp = vcpu.root
+        if sp is None:
+            return None, 0
+        while True:
+            index = (addr >> (12 + 9 * (sp.level - 1))) & 511
+            child = sp.children.get(index)
+            if child is None:
+                return sp, index
+            sp = child
+
+    def get_walk(self, vcpu: VcpuMmu, addr: int) -> int | None:
+        """get_walk(): the last SPTE on the way to ``addr`` (None: the model lost its value)."""
+        sp, index = self.shadow_walk_last(vcpu, addr)
+        spte = self.rules.nonpresent_spte if sp is None else sp.sptes.get(index, self.rules.nonpresent_spte)
+        return None if spte == UNKNOWN_SPTE else spte
 
     # ------------------------------------------------------------------ the fault path
 
@@ -515,7 +553,11 @@ class ShadowMmu:
         fault_in = yield FaultIn(fault.gfn)
         fault.pfn = fault_in.pfn
         fault.map_writable = fault_in.map_writable
-        if fault.map_writable is None:
+        if is_noslot_pfn(fault.pfn):
+            fault.map_writable = False
+            if kvm_handle_noslot_fault(self.arch, vcpu, fault, gw.pte_access):
+                return "emulate"
+        elif fault.map_writable is None:
             # Only the recorder reads fault->map_writable.  A write fault always gets a writable
             # pfn (else it would not reach here).  A read fault of never-written private anonymous
             # memory maps the host's shared zero page read-only, anything else writable: decidable
@@ -708,7 +750,7 @@ class ShadowMmu:
         """goal_level: 4K unless the guest leaf is huge, the slot is not dirty-logged, no shadowed gfn
         is inside the huge frame, and the host maps it huge (an input only the recorder has)."""
         fault.req_level = fault.goal_level = 1
-        if fault.max_level == 1:
+        if fault.max_level == 1 or is_noslot_pfn(fault.pfn):
             return
         if fault.slot is not None and fault.slot.flags & 1:
             return

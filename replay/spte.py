@@ -151,3 +151,99 @@ def spte_write_protect(flavor: SpteFlavor, spte: int, pt_protect: bool) -> int:
     if pt_protect:
         spte &= ~flavor.mmu_writable_mask
     return spte & ~PT_WRITABLE_MASK
+
+
+# ---------------------------------------------------------------------------------------- MMIO SPTEs
+
+#: KVM_PFN_NOSLOT (kvm_host.h): the pfn kvm_faultin_pfn reports for a gfn no memslot backs (MMIO).
+KVM_PFN_NOSLOT = 1 << 63
+#: The memslot generation's 19 low bits live in SPTE bits 3-10 (gen 0-7) and 52-62 (gen 8-18).
+MMIO_SPTE_GEN_LOW_MASK = ((1 << 11) - 1) & ~((1 << 3) - 1)
+MMIO_SPTE_GEN_HIGH_MASK = ((1 << 63) - 1) & ~((1 << 52) - 1)
+MMIO_SPTE_GEN_LOW_BITS = 8
+MMIO_SPTE_GEN_LOW_SHIFT = 3
+MMIO_SPTE_GEN_HIGH_SHIFT = 52 - MMIO_SPTE_GEN_LOW_BITS
+MMIO_SPTE_GEN_MASK = (1 << 19) - 1
+#: Bits an MMIO value/mask may use: they must not overlap the generation or bit 11 (spte.h).
+SPTE_MMIO_ALLOWED_MASK = (1 << 63) | (((1 << 52) - 1) & ~((1 << 12) - 1)) | 0x7
+#: The MMIO value of kvm_mmu_reset_all_pte_masks: a reserved physical-address bit (51) plus
+#: present, so that a guest access faults with PFERR_RSVD (only when MAXPHYADDR < 52).
+MMIO_RSVD_PA_VALUE = (1 << 51) | PT_PRESENT_MASK
+
+
+def is_noslot_pfn(pfn: int | None) -> bool:
+    return pfn is not None and pfn == KVM_PFN_NOSLOT
+
+
+@dataclass(frozen=True)
+class MmioSpteMasks:
+    """enable_mmio_caching and shadow_mmio_value/_mask/_access_mask, as kvm_mmu_set_mmio_spte_mask
+    leaves them.  ``nonpresent_or_rsvd_mask`` (the L1TF gfn relocation) is 0 on CPUs without
+    X86_BUG_L1TF: every AMD CPU, so every kvm_amd trace; a kvm_intel L1TF host would need its
+    cache-address width, which no trace records."""
+
+    enable_mmio_caching: bool
+    value: int
+    mask: int
+    access_mask: int
+    nonpresent_or_rsvd_mask: int = 0
+
+
+def kvm_mmu_set_mmio_spte_mask(allow_mmio_caching: bool, mmio_value: int, mmio_mask: int, access_mask: int,
+                               removed_spte: int) -> MmioSpteMasks:
+    """The kernel's rules: caching is off when the module parameter says so, or when the value is 0
+    (no reserved bit to fault on), leaves the allowed bits, or would match a removed SPTE."""
+    if not allow_mmio_caching or mmio_mask & ~SPTE_MMIO_ALLOWED_MASK:
+        mmio_value = 0
+    if (mmio_value & mmio_mask) != mmio_value or (mmio_value and (removed_spte & mmio_mask) == mmio_value):
+        mmio_value = 0
+    return MmioSpteMasks(enable_mmio_caching=bool(mmio_value), value=mmio_value, mask=mmio_mask,
+                         access_mask=access_mask)
+
+
+def kvm_mmu_reset_all_pte_masks_mmio(allow_mmio_caching: bool, maxphyaddr_below_52: bool,
+                                     removed_spte: int) -> MmioSpteMasks:
+    """The non-EPT MMIO masks: bit 51 + present when the host has a reserved PA bit, else none."""
+    mask = MMIO_RSVD_PA_VALUE if maxphyaddr_below_52 else 0
+    return kvm_mmu_set_mmio_spte_mask(allow_mmio_caching, mask, mask, ACC_WRITE_MASK | ACC_USER_MASK, removed_spte)
+
+
+def generation_mmio_spte_mask(gen: int) -> int:
+    mask = (gen << MMIO_SPTE_GEN_LOW_SHIFT) & MMIO_SPTE_GEN_LOW_MASK
+    return mask | ((gen << MMIO_SPTE_GEN_HIGH_SHIFT) & MMIO_SPTE_GEN_HIGH_MASK)
+
+
+def make_mmio_spte(masks: MmioSpteMasks, generation: int, gfn: int, access: int) -> int:
+    """make_mmio_spte(): generation bits, the MMIO value, the cached access, the gpa."""
+    spte = generation_mmio_spte_mask(generation & MMIO_SPTE_GEN_MASK)
+    gpa = gfn << PAGE_SHIFT
+    spte |= masks.value | (access & masks.access_mask)
+    spte |= gpa | masks.nonpresent_or_rsvd_mask
+    return spte | ((gpa & masks.nonpresent_or_rsvd_mask) << 5)
+
+
+def is_mmio_spte(masks: MmioSpteMasks, spte: int) -> bool:
+    return (spte & masks.mask) == masks.value and masks.enable_mmio_caching
+
+
+def get_mmio_spte_generation(spte: int) -> int:
+    gen = (spte & MMIO_SPTE_GEN_LOW_MASK) >> MMIO_SPTE_GEN_LOW_SHIFT
+    return gen | ((spte & MMIO_SPTE_GEN_HIGH_MASK) >> MMIO_SPTE_GEN_HIGH_SHIFT)
+
+
+def get_mmio_spte_gfn(masks: MmioSpteMasks, spte: int) -> int:
+    """The kernel masks with bits 12..MAXPHYADDR-1 (shadow_nonpresent_or_rsvd_lower_gfn_mask); the
+    MMIO value's reserved bit lies above MAXPHYADDR, and nothing else sits between them."""
+    lower_gfn_mask = SPTE_BASE_ADDR_MASK & ~masks.value & ~masks.nonpresent_or_rsvd_mask
+    gpa = spte & lower_gfn_mask
+    gpa |= (spte >> 5) & masks.nonpresent_or_rsvd_mask
+    return gpa >> PAGE_SHIFT
+
+
+def get_mmio_spte_access(masks: MmioSpteMasks, spte: int) -> int:
+    return spte & masks.access_mask
+
+
+def mark_mmio_spte_access(spte: int) -> int:
+    """What the mark_mmio_spte tracepoint records as ``access``: the SPTE's low 3 bits (ACC_ALL)."""
+    return spte & 0x7

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from replay.decisions import Decision
-from replay.mmu import FaultIn, FaultInResult, KvmArch, KvmPageFault, Memslot, VcpuMmu
+from replay.mmu import (FaultIn, FaultInResult, KvmArch, KvmPageFault, Memslot, VcpuMmu,
+                        kvm_handle_noslot_fault)
 from replay.role import ACC_ALL
 from replay.spte import (NON_EPT, PT_ACCESSED_MASK, PT_PAGE_SIZE_MASK, PT_PRESENT_MASK, PT_USER_MASK,
-                         PT_WRITABLE_MASK, SPTE_MMU_PRESENT_MASK, is_large_pte, is_last_spte,
+                         PT_WRITABLE_MASK, SPTE_MMU_PRESENT_MASK, is_large_pte, is_last_spte, is_noslot_pfn,
                          is_shadow_present_pte, is_writable_pte, make_spte, spte_to_pfn)
 
 if TYPE_CHECKING:
@@ -35,14 +36,11 @@ SPTE_ENT_PER_PAGE = 512
 PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
 #: REMOVED_SPTE (6.1) / FROZEN_SPTE (6.12+, which also has bit 63, the non-present value): 0x5a0.
 REMOVED_SPTE_LOW = 0x5A0
-#: KVM_PFN_NOSLOT (kvm_host.h): the pfn of a gfn with no memslot, i.e. MMIO.
-KVM_PFN_NOSLOT = 1 << 63
 #: The lab's EPYC CPU model has no LA57, so kvm_mmu_get_tdp_level() is 4 (max_tdp_level).
 TDP_ROOT_LEVEL = 4
 
 R_HOST_LEVEL = "host mapping level untraced (tracefs: no req_level)"
 R_HOST_WRITABLE = "host writability of the pfn untraced (tracefs: no map_writable)"
-R_MMIO_GEN = "MMIO SPTE: memslot generation untraced"
 R_NO_ROOT = "TDP root loaded before the trace began"
 
 
@@ -332,6 +330,8 @@ class TdpMmu:
             if ret != rules.ret_pf_invalid:
                 return ret
         inputs: FaultInResult = yield FaultIn(fault.gfn)
+        if is_noslot_pfn(inputs.pfn) and kvm_handle_noslot_fault(self.arch, vcpu, fault, ACC_ALL):
+            return "emulate"
         return self.kvm_tdp_mmu_map(vcpu, fault, inputs)
 
     @staticmethod
@@ -351,6 +351,11 @@ class TdpMmu:
                 break
             page = page.children.get(index)
         return last
+
+    def kvm_tdp_mmu_get_walk(self, vcpu: VcpuMmu, addr: int) -> int:
+        """The last SPTE of a walk for gpa ``addr`` (handle_mmio_page_fault's get_mmio_spte)."""
+        it = self._leaf_iter(vcpu, addr >> PAGE_SHIFT)
+        return self.nonpresent if it is None else it.old_spte
 
     def fast_page_fault(self, vcpu: VcpuMmu, fault: KvmPageFault) -> int:
         """Fix a write-protected but MMU-writable leaf without mmu_lock (no spte_changed event)."""
@@ -378,6 +383,9 @@ class TdpMmu:
     def kvm_mmu_hugepage_adjust(self, fault: KvmPageFault, inputs: FaultInResult) -> str | None:
         """goal_level from the host mapping level (req_level, recorder input); None or the reason
         the level cannot be decided (then the recorded level is used)."""
+        if is_noslot_pfn(inputs.pfn):
+            fault.goal_level = 1  # MMIO: never a huge SPTE
+            return None
         if inputs.req_level is None:
             fault.goal_level = inputs.recorded_level
             return R_HOST_LEVEL
@@ -394,7 +402,7 @@ class TdpMmu:
         goal = fault.goal_level
         self._emit("kvm_mmu_spte_requested", {"gfn": fault.gfn, "level": goal}, "kvm_tdp_mmu_map",
                    undecidable=level_reason)
-        fault.pfn = inputs.pfn & ~(pages_per_hpage(goal) - 1)
+        fault.pfn = inputs.pfn if is_noslot_pfn(inputs.pfn) else inputs.pfn & ~(pages_per_hpage(goal) - 1)
         fault.map_writable = inputs.map_writable
         page = vcpu.root
         while page is not None:
@@ -455,11 +463,14 @@ class TdpMmu:
         self._emit("kvm_mmu_split_huge_page", {"gfn": it.gfn, "level": it.level, "spte": huge, "ret": 0},
                    "tdp_mmu_split_huge_page")
 
-    def tdp_mmu_map_handle_target_level(self, vcpu: VcpuMmu, fault: KvmPageFault, it: TdpIter) -> int:
-        """make_spte(ACC_ALL, host_writable = map_writable); same value -> SPURIOUS; then set_spte."""
+    def tdp_mmu_map_handle_target_level(self, vcpu: VcpuMmu, fault: KvmPageFault, it: TdpIter) -> int | str:
+        """make_mmio_spte (no memslot) or make_spte(ACC_ALL, host_writable = map_writable); same
+        value -> SPURIOUS; then mark_mmio_spte (EMULATE) or kvm_mmu_set_spte."""
         rules = self.tdp_rules
-        if inputs_is_mmio := (fault.pfn is not None and fault.pfn & KVM_PFN_NOSLOT):
-            new = self.nonpresent  # make_mmio_spte: generation untraced; adopt what the kernel wrote
+        is_mmio = is_noslot_pfn(fault.pfn)
+        if is_mmio:
+            new = self.arch.make_mmio_spte(it.gfn, ACC_ALL)
+            reason = self.arch.mmio_generation_unknown()  # then the recorded value is adopted
         else:
             new, _ = make_spte(NON_EPT, self.rules.spte, level=it.level, ad_disabled=False, pte_access=ACC_ALL,
                                pfn=fault.pfn, old_spte=it.old_spte, prefetch=False, synchronizing=False,
@@ -467,9 +478,9 @@ class TdpMmu:
                                try_to_unsync=lambda: False)
             if new & PT_WRITABLE_MASK:
                 self.arch.mark_page_dirty_in_slot(it.gfn)  # make_spte, for a dirty-logged slot
-        reason = R_MMIO_GEN if inputs_is_mmio else (R_HOST_WRITABLE if fault.map_writable is None else None)
-        ret = rules.ret_pf_fixed
-        if new == it.old_spte and not inputs_is_mmio:
+            reason = R_HOST_WRITABLE if fault.map_writable is None else None
+        ret: int | str = rules.ret_pf_fixed
+        if new == it.old_spte and not (is_mmio and reason):
             ret = rules.ret_pf_spurious
         elif reason is not None:
             self._emit("kvm_tdp_mmu_spte_changed", {"gfn": it.gfn, "level": it.level, "old_spte": it.old_spte,
@@ -478,9 +489,9 @@ class TdpMmu:
             self._write(it.page, it.index, new)
         else:
             self.tdp_mmu_set_spte(it, new, True, "tdp_mmu_map_handle_target_level")
-        if inputs_is_mmio:
-            self._emit("mark_mmio_spte", {"gfn": it.gfn}, "tdp_mmu_map_handle_target_level", undecidable=R_MMIO_GEN)
-            return 2  # RET_PF_EMULATE
+        if is_mmio:
+            self.arch.trace_mark_mmio_spte(it.gfn, new, "tdp_mmu_map_handle_target_level")
+            return "emulate"
         self._emit("kvm_mmu_set_spte", {"gfn": it.gfn, "level": it.level, "spte": new, "sptep_offset": it.index * 8},
                    "tdp_mmu_map_handle_target_level", it.page, reason)
         return ret

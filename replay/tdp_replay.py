@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from mmutrace.errors import TraceFileError
 from replay.decisions import KIND
 from replay.mmu import FaultInResult, KvmPageFault
-from replay.paging_tmpl import PFERR_RSVD_MASK
 from replay.tdp_mmu import R_NO_ROOT, TdpMmu, TdpPage
 
 if TYPE_CHECKING:
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
 R_UNMAP = "MMU-notifier zap: memslot hva layout untraced (tracefs)"
 R_UNTRACED_IOCTL = "SPTE change outside any fault or traced cause (memslot or dirty-log ioctl untraced)"
 R_TEARDOWN = "VM teardown (kvm_mmu_zap_all) is untraced; the model zaps from the first zap on"
-R_MMIO_FAULT = "MMIO SPTE fault (handle_mmio_page_fault): memslot generation untraced"
 R_NO_FAULT = "TDP map without kvm_page_fault (async page fault completion or pre-fault ioctl)"
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 
@@ -79,9 +77,6 @@ class TdpReplay:
         from replay.engine import Walk  # the engine imports this module
 
         self.fault_start[t.tid] = Walk(row["ts_ns"], row["addr"], row["error_code"], completed_ts=row["ts_ns"])
-        if row["error_code"] & PFERR_RSVD_MASK:
-            t.context = R_MMIO_FAULT
-            return
         if vcpu.root is None or vcpu.needs_load:
             self.reload(t, vcpu)
         if vcpu.root is None:
@@ -179,6 +174,8 @@ class TdpReplay:
             return t.context
         if t.fault_reason is not None:
             return t.fault_reason
+        if reason := self.vm.mmio_reason(t, ev, row):
+            return reason
         if t.tid in self.unmapped_blind:
             return R_UNMAP
         if t.fault is None and not self.vm.arch.memslots_known and ev in (

@@ -194,6 +194,26 @@ def test_mmio_exits_once_per_access_without_mmio_sptes() -> None:
     assert len(rows(got.events, "mark_mmio_spte")) == 0, "mmio_caching=N: no MMIO SPTEs"
 
 
+def test_mmio_churn_exits_on_every_access_around_each_memslot_update() -> None:
+    """mmio_caching=N: no MMIO SPTE, so the memslot updates change nothing about the MMIO exits;
+    the lab's mmio_caching=Y traces (examples/lab/*/mmio_churn.parquet) show the generation."""
+    from mmutrace.scenarios.mmio_churn import MOVED_GPA, SPARE_GPA, SPARE_SLOT, UPDATES
+
+    n = 3
+    got = capture("mmio_churn", size=n)
+    for phase in ("mmio", *UPDATES):
+        assert got.result.details[f"{phase}_mmio_exits"] == got.result.details[f"{phase}_reads_answered"] == 2 * n
+        mmio = rows(got.phase(phase), "kvm_mmio")
+        in_window = mmio[(mmio.addr >= MMIO_GPA) & (mmio.addr < MMIO_GPA + n * 4096)]
+        assert len(in_window) == len(mmio) == 2 * 2 * n  # unsatisfied-read, then read
+    for phase in ("move", "delete"):
+        assert len(rows(got.phase(phase), "kvm_mmu_zap_all_fast")) == 1, phase
+    for phase in ("mmio", "create", "flags"):
+        assert len(rows(got.phase(phase), "kvm_mmu_zap_all_fast")) == 0, phase
+    assert len(rows(got.events, "mark_mmio_spte")) == 0
+    assert SPARE_SLOT == 2 and MOVED_GPA > SPARE_GPA > MMIO_GPA
+
+
 def test_multi_vcpu_faults_from_two_threads() -> None:
     n = 256
     got = capture("multi_vcpu", size=n)
@@ -244,7 +264,7 @@ def test_cli_list_names_every_scenario_with_its_default_size(monkeypatch, capsys
     assert status == 0
     listed = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()}
     assert listed == {name: s.default_size for name, s in SCENARIOS.items()}
-    assert len(listed) == 10
+    assert len(listed) == 11
 
 
 def test_cli_run_json_is_one_result_object(monkeypatch, capsys) -> None:

@@ -20,7 +20,7 @@ import pytest
 from replay.decisions import KIND
 from replay.engine import replay_trace
 from replay.mmu import R_CLEAR_MASK, R_MANUAL_PROTECT, KvmPageFault
-from replay.spte import PT_WRITABLE_MASK
+from replay.spte import MMIO_RSVD_PA_VALUE, PT_WRITABLE_MASK
 from replay.tdp_mmu import TDP_RULES
 from replay.tdp_replay import R_TEARDOWN
 from replay.versions import Split
@@ -84,10 +84,12 @@ def test_bcc_lab_traces_leave_under_one_percent_undecidable(path):
 
 @pytest.mark.parametrize("path", TDP_TRACES, ids=trace_id)
 def test_non_present_values_are_the_versions_own(path):
-    """6.1 writes 0 and REMOVED_SPTE (0x5a0); 6.12 writes bit 63 and FROZEN_SPTE (bit 63 | 0x5a0)."""
+    """6.1 writes 0 and REMOVED_SPTE (0x5a0); 6.12 writes bit 63 and FROZEN_SPTE (bit 63 | 0x5a0).
+    MMIO SPTEs (reserved bit 51 and present: not shadow-present either) are tests/test_mmio.py's."""
     meta = json.loads(pq.read_schema(path).metadata[b"mmutrace"])
     table = pq.read_table(path, columns=["event", "new_spte"]).to_pylist()
-    seen = {r["new_spte"] for r in table if r["event"] == "kvm_tdp_mmu_spte_changed" and not r["new_spte"] >> 11 & 1}
+    seen = {r["new_spte"] for r in table if r["event"] == "kvm_tdp_mmu_spte_changed" and not r["new_spte"] >> 11 & 1
+            and r["new_spte"] & MMIO_RSVD_PA_VALUE != MMIO_RSVD_PA_VALUE}
     version = "6.1" if meta["kernel_release"].startswith("6.1.") else "6.12"
     expected = {"6.1": {0, 0x5A0}, "6.12": {1 << 63, (1 << 63) | 0x5A0}}[version]
     assert seen <= expected and (1 << 63 if version == "6.12" else 0) in seen

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from mmutrace.errors import UsageError
 from mmutrace.markers import Markers
-from mmutrace.scenarios import (cr3_switch, dirty_log, hugepages, memslot_churn, mmio, mmu_pages_limit, multi_vcpu,
-                                pt_rewrite, touch, unmap_refault)
+from mmutrace.scenarios import (cr3_switch, dirty_log, hugepages, memslot_churn, mmio, mmio_churn, mmu_pages_limit,
+                                multi_vcpu, pt_rewrite, touch, unmap_refault)
 from mmutrace.scenarios.base import Scenario, ScenarioResult
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     touch.SCENARIO, pt_rewrite.SCENARIO, cr3_switch.SCENARIO, unmap_refault.SCENARIO, memslot_churn.SCENARIO,
     dirty_log.SCENARIO, mmu_pages_limit.SCENARIO, hugepages.SCENARIO, mmio.SCENARIO, multi_vcpu.SCENARIO,
+    mmio_churn.SCENARIO,
 )}
 
 
