@@ -61,6 +61,31 @@ def test_host_memory_discard_drops_the_contents() -> None:
         mem.close()
 
 
+def _vm_flags(hva: int) -> set[str]:
+    """The VmFlags of this process's mapping that contains ``hva`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if "-" in line.split(" ", 1)[0] and not line.startswith("VmFlags"):
+                start, end = (int(x, 16) for x in line.split(" ", 1)[0].split("-"))
+                inside = start <= hva < end
+            elif inside and line.startswith("VmFlags:"):
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {hva:#x}")
+
+
+@pytest.mark.parametrize(("thp", "flag"), [(True, "hg"), (False, "nh"), (None, None)])
+def test_host_memory_thp_advice_is_explicit(thp: bool | None, flag: str | None) -> None:
+    """True/False advise huge pages for or against (scenarios must not depend on the host's THP
+    policy, which differs between this host and the lab's L1); None leaves the policy alone."""
+    mem = HostMemory(4 * 4096, thp=thp)
+    try:
+        flags = _vm_flags(mem.hva)
+        assert (flags & {"hg", "nh"}) == ({flag} if flag else set())
+    finally:
+        mem.close()
+
+
 def test_markers_log_monotonic_time_and_write_every_sink(tmp_path) -> None:
     sinks = [tmp_path / "a", tmp_path / "b"]
     for sink in sinks:

@@ -189,6 +189,16 @@ def test_prefetched_sptes_are_decided(trace: Path, expected: int) -> None:
     assert not [r for r in data["undecidable_reasons"] if r.startswith("prefetched")]
 
 
+def test_lab_unmap_refault_on_4k_memory_is_all_decided() -> None:
+    """examples/lab/6.1-shadow-bcc/unmap_refault.parquet: L1's THP policy is "always"; the scenario
+    asks for 4K memory, so MADV_DONTNEED no longer splits a 2M page (whose 2M unmap hid which host
+    pages survived: 448 undecidable prefetches before)."""
+    data = replay_trace(DATA.parent.parent / "examples" / "lab" / "6.1-shadow-bcc" / "unmap_refault.parquet").to_json()
+    assert (data["decisions"], data["matched"], data["undecidable"]) == (5183, 5182, 1)
+    assert (data["mismatched"], data["missing"], data["extra"]) == (0, 0, 0)
+    assert data["undecidable_reasons"] == {"VM teardown (kvm_arch_flush_shadow_all) untraced": 1}
+
+
 def test_change_one_prefetched_spte(tmp_path: Path) -> None:
     def edit(table: pa.Table) -> tuple[pa.Table, list[int]]:
         rows = _prefetched_set_sptes(table)

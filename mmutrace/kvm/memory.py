@@ -20,10 +20,13 @@ class HostMemory:
     """One anonymous private mapping, 2 MiB aligned, optionally advised for transparent huge pages.
 
     ``u8``/``u64`` are numpy views of the whole mapping; ``hva`` is its host virtual address.
-    Alignment to 2 MiB lets a 2M guest mapping be backed by one host huge page.
+    Alignment to 2 MiB lets a 2M guest mapping be backed by one host huge page.  ``thp``: True asks
+    for huge pages (MADV_HUGEPAGE), False forbids them (MADV_NOHUGEPAGE), None leaves the host's
+    policy (/sys/kernel/mm/transparent_hugepage/enabled: "madvise" here, "always" in Debian's
+    stock kernels, so in the nested lab's L1).
     """
 
-    def __init__(self, size: int, *, thp: bool = False) -> None:
+    def __init__(self, size: int, *, thp: bool | None = None) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"memory size {size} is not a positive multiple of {PAGE_SIZE}")
         self.size = size
@@ -32,8 +35,9 @@ class HostMemory:
         self._map_addr = libc.mmap(self._map_len, libc.PROT_READ | libc.PROT_WRITE,
                                    libc.MAP_PRIVATE | libc.MAP_ANONYMOUS)
         self.hva = -(-self._map_addr // HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE
-        if thp:
-            libc.madvise(self.hva, self.size, libc.MADV_HUGEPAGE, what="madvise(MADV_HUGEPAGE)")
+        if thp is not None:
+            advice, what = (libc.MADV_HUGEPAGE, "MADV_HUGEPAGE") if thp else (libc.MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")
+            libc.madvise(self.hva, self.size, advice, what=f"madvise({what})")
         buf = (ctypes.c_uint8 * self.size).from_address(self.hva)
         self.u8 = np.ctypeslib.as_array(buf)
         self.u64 = self.u8.view(np.uint64)

@@ -69,9 +69,9 @@ class ScenarioRun:
         return mem
 
     def data_memslot(self, spaces: AddressSpace | Sequence[AddressSpace], size: int, *, huge: bool = False,
-                     thp: bool = False, flags: int = 0) -> HostMemory:
+                     thp: bool | None = None, flags: int = 0) -> HostMemory:
         """Back ``size`` bytes at DATA_GPA with fresh host memory (slot DATA_SLOT), identity-mapped
-        in each of ``spaces`` (2M guest pages when ``huge``)."""
+        in each of ``spaces`` (2M guest pages when ``huge``; ``thp`` as in HostMemory)."""
         assert self.guest is not None
         mem = self.memory(size, thp=thp)
         self.guest.vm.set_user_memory_region(DATA_SLOT, DATA_GPA, mem, flags=flags)
