@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from mmutrace import schema
 from mmutrace.errors import MmutraceError, TraceFileError
+from replay.bulk import MIN_RUN, bulk_capable, plan_batch, replay_run
 from replay.decisions import COMPARED, DECISION_EVENTS, IDENTITY, KIND, Decision, Tracepoints
 from replay.mmu import KVM_REFILL_PAGES, FaultIn, FaultInResult, KvmArch, KvmMmu, KvmPageFault, VcpuMmu
 from replay.paging_tmpl import PTTYPE_64, GuestWalker, walk_addr_generic
@@ -747,11 +748,12 @@ def _jsonable(value: Any) -> Any:
 def replay_trace(path: str | Path, split: str | Split | None = None, allow_lost: bool = False,
                  assume_version: str | None = None, max_divergences: int | None = None,
                  shadow_factory: Callable[[KvmArch, dict[int, VcpuMmu]], ShadowMmu] = ShadowMmu,
-                 keep_model_events: bool = True) -> ReplayResult:
+                 keep_model_events: bool = True, bulk: bool = True) -> ReplayResult:
     """Replay one trace file through the models; see ReplayResult and docs/replay.md.
 
     ``keep_model_events=False`` keeps memory bounded by the model state (the CLI and the benchmark);
-    ``ReplayResult.model_events()`` then refuses.
+    ``ReplayResult.model_events()`` then refuses.  ``bulk=False`` replays every row per event (the
+    bulk path, replay/bulk.py, only runs without the model event stream and gives the same verdicts).
     """
     meta, batches = open_for_replay(path)
     rules = rules_for_release(meta.get("kernel_release"), assume_version)
@@ -767,7 +769,7 @@ def replay_trace(path: str | Path, split: str | Split | None = None, allow_lost:
     vms: dict[int, VmReplay] = {}
     for batch in batches():
         result.events += batch.num_rows
-        _replay_batch(batch, vms, result, rules, chosen, meta, shadow_factory, set(lost), mask)
+        _replay_batch(batch, vms, result, rules, chosen, meta, shadow_factory, set(lost), mask, bulk)
     for vm in vms.values():
         for t in vm.threads.values():
             vm.end_episode(t, {"ts_ns": t.last_ts, "cpu": 0, "tid": t.tid})
@@ -803,26 +805,65 @@ class Row:
         return self.cols[name][self.i]
 
 
-def _replay_batch(batch: pa.RecordBatch, vms: dict[int, VmReplay], result: ReplayResult, rules: VersionRules,
-                  split: Split, meta: dict[str, Any], shadow_factory: Callable, lost: set[int], mask: int) -> None:
-    """Rows in order; guest PTEs (half of a shadow fault's events) go straight to their walk."""
-    cols = Columns(batch)
-    events, vm_col, tids, ptes = cols["event"], cols["vm"], cols["tid"], cols["spte"]
-    keep = ~_is_event_in(batch.column("event"), _SKIP_EVENTS)
-    vm = None
-    for i in np.flatnonzero(keep).tolist():
-        vm_id = vm_col[i]
-        if vm_id is None:
-            vm_id = tids[i]
-        if vm is None or vm.vm != vm_id:
-            vm = vms.get(vm_id)
-            if vm is None:
-                vm = vms[vm_id] = VmReplay(vm_id, rules, split, meta, result, shadow_factory, lost, mask)
-        ev = events[i]
-        if ev == "kvm_mmu_paging_element":
-            walk = vm.open_walk(tids[i])
-            if walk is not None:
-                walk.ptes.append(ptes[i])
-            continue
-        vm.handle(ev, Row(cols, i))
+class _Rows:
+    """A batch's kept rows in order, fed per event to their VM (creating it on its first row)."""
 
+    def __init__(self, batch: pa.RecordBatch, vms: dict[int, VmReplay], make_vm: Callable[[int], VmReplay]) -> None:
+        self.cols = Columns(batch)
+        self.vms, self.make_vm = vms, make_vm
+        self.vm: VmReplay | None = None
+
+    def vm_of(self, i: int, create: bool) -> VmReplay | None:
+        """The VM of row ``i`` (the thread id stands for a missing vm)."""
+        vm_id = self.cols["vm"][i]
+        if vm_id is None:
+            vm_id = self.cols["tid"][i]
+        if self.vm is None or self.vm.vm != vm_id:
+            vm = self.vms.get(vm_id)
+            if vm is None and create:
+                vm = self.vms[vm_id] = self.make_vm(vm_id)
+            if vm is None:
+                return None
+            self.vm = vm
+        return self.vm
+
+    def replay(self, rows: list[int]) -> None:
+        """Rows in order; guest PTEs (half of a shadow fault's events) go straight to their walk."""
+        cols = self.cols
+        events, vm_col, tids, ptes = cols["event"], cols["vm"], cols["tid"], cols["spte"]
+        vm = self.vm
+        for i in rows:
+            vm_id = vm_col[i]
+            if vm is None or vm.vm != (vm_id if vm_id is not None else tids[i]):
+                vm = self.vm_of(i, create=True)
+            ev = events[i]
+            if ev == "kvm_mmu_paging_element":
+                walk = vm.open_walk(tids[i])
+                if walk is not None:
+                    walk.ptes.append(ptes[i])
+                continue
+            vm.handle(ev, Row(cols, i))
+        self.vm = vm
+
+
+def _replay_batch(batch: pa.RecordBatch, vms: dict[int, VmReplay], result: ReplayResult, rules: VersionRules,
+                  split: Split, meta: dict[str, Any], shadow_factory: Callable, lost: set[int], mask: int,
+                  bulk: bool) -> None:
+    """The batch's rows in order: runs of steady-state episodes in bulk (replay/bulk.py) where the
+    VM's state allows, every other row per event."""
+    kept = np.flatnonzero(~_is_event_in(batch.column("event"), _SKIP_EVENTS))
+    rows = _Rows(batch, vms, lambda vm_id: VmReplay(vm_id, rules, split, meta, result, shadow_factory, lost, mask))
+    order = kept.tolist()
+    plan = plan_batch(batch, kept) if bulk else None
+    done = 0
+    for e0, e1 in plan.runs if plan is not None else ():
+        while e1 - e0 >= MIN_RUN:
+            first = int(plan.walks[e0])
+            rows.replay(order[done:first])
+            done = first
+            vm = rows.vm_of(first, create=False)
+            if vm is None or not bulk_capable(vm):
+                break
+            stop, e0 = replay_run(vm, plan, e0, e1)
+            done = int(plan.walks[stop])
+    rows.replay(order[done:])

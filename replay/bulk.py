@@ -1,0 +1,382 @@
+"""Bulk replay: runs of steady-state guest walks and 4K faults, judged a column at a time.
+
+The per-event path (``engine.VmReplay.handle``) costs ~40 us of Python per guest fault.  Most of a
+large trace is one shape repeated, one **episode** per guest walk:
+
+    kvm_mmu_pagetable_walk, 4 x kvm_mmu_paging_element, kvm_mmu_set_accessed/dirty_bit*,
+    then either  kvm_mmu_spte_requested, kvm_mmu_set_spte   (a fault installing a new 4K leaf SPTE
+                                                              under existing shadow pages)
+    or           kvm_unmap_hva_range                        (a walk that was no fault, then the host
+                                                              unmap of its COW break)
+
+and the next event is the same thread's next walk.  This module evaluates the models' rules for a
+run of such episodes with numpy, not a second model:
+
+- ``FNAME(walk_addr_generic)`` (paging_tmpl.py, unchanged) runs once per class of walks that must
+  decide alike: same error code, same upper guest PTEs, same leaf PTE bits except its frame, same
+  2M region.  Within a class only the leaf's index and frame vary; they enter the decisions as
+  address arithmetic: the leaf ``pte_gpa`` of ``FNAME(update_accessed_dirty_bits)`` and
+  ``gpte_to_gfn_lvl`` at level 1;
+- ``FNAME(fetch)`` over shadow pages that already exist makes no decision before
+  ``kvm_mmu_hugepage_adjust`` (a 4K guest leaf: goal_level 1, ``kvm_mmu_spte_requested``), then
+  ``mmu_set_spte``: ``make_spte`` (spte.py, unchanged) runs once per class and host writability and
+  the pfn is ORed in per fault (``make_spte`` uses the pfn only there when not prefetching);
+- every prediction is compared with the recorded decision, as ``VmReplay.judge`` does.
+
+The run ends before the first episode that does not fit: a different event order, inputs that
+would take another branch in the kernel (a write-tracked or shadowed gfn, a missing shadow page, a
+huge or failing walk, a stale fault, a reclaim, an SPTE already present, an undecidable input, lost
+events, non-default parameters, a replaced shadow model), or any prediction that differs from the
+record.  The engine replays that episode per event, so divergences and undecidable decisions always
+come from the per-event path.  State changes (leaf SPTEs, their rmaps and timestamps, ``spt_page``,
+``write_flooding_count``, host unmaps through ``VmReplay.unmap``) are applied in trace order, so the
+per-event path resumes from exactly the state it would have reached itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from replay.mmu import KVM_MIN_FREE_MMU_PAGES, VcpuMmu
+from replay.paging_tmpl import PFERR_WRITE_MASK, PTTYPE_64, walk_addr_generic
+from replay.shadow_mmu import ShadowMmu, ShadowPage
+from replay.spte import make_spte
+
+if TYPE_CHECKING:
+    from replay.engine import Thread, VmReplay
+
+# Row codes of an episode.
+OTHER, WALK, PTE, ACCESSED, DIRTY, REQUESTED, SET_SPTE, UNMAP = range(8)
+CODE = {"kvm_mmu_pagetable_walk": WALK, "kvm_mmu_paging_element": PTE, "kvm_mmu_set_accessed_bit": ACCESSED,
+        "kvm_mmu_set_dirty_bit": DIRTY, "kvm_mmu_spte_requested": REQUESTED, "kvm_mmu_set_spte": SET_SPTE,
+        "kvm_unmap_hva_range": UNMAP}
+KIND_OF = {ACCESSED: "accessed_bit", DIRTY: "dirty_bit"}
+#: Guest PTEs of a 4-level walk ending in a 4K leaf.
+LEVELS = 4
+#: Guest A/D writes of such a walk at most: A on every level, D on the leaf.
+MAX_AD = LEVELS + 1
+#: Episodes: a shorter run costs more to set up than the per-event path takes.
+MIN_RUN = 16
+#: A pfn this wide would reach the SPTE's high flag bits when shifted (never on x86: 40 bits).
+PFN_LIMIT = 1 << 40
+_U64 = np.uint64
+
+
+@dataclass
+class BatchPlan:
+    """The state-independent part, once per batch: codes and columns of the rows the engine keeps,
+    every episode's bounds and whether its rows have the shape, and the candidate runs."""
+
+    kept: np.ndarray
+    code: np.ndarray
+    col: dict[str, np.ndarray]
+    valid_mmu_max: np.ndarray
+    valid_map_writable: np.ndarray
+    #: Kept index of every walk; episode e is kept rows [walks[e], walks[e + 1]).
+    walks: np.ndarray
+    is_fault: np.ndarray
+    n_ad: np.ndarray
+    #: (first episode, end episode) of each run of consecutive fitting episodes.
+    runs: list[tuple[int, int]]
+
+
+def _column(batch: pa.RecordBatch, name: str, kept: np.ndarray, fill: Any = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A column's values at the kept rows (nulls read ``fill``) and where it is not null."""
+    if name not in batch.schema.names:
+        return np.full(len(kept), fill), np.zeros(len(kept), dtype=bool)
+    col = batch.column(name)
+    if not col.null_count:
+        return col.to_numpy(zero_copy_only=False)[kept], np.ones(len(kept), dtype=bool)
+    values = pc.fill_null(col, pa.scalar(fill, col.type)).to_numpy(zero_copy_only=False)
+    return values[kept], col.is_valid().to_numpy(zero_copy_only=False)[kept]
+
+
+def _spans(mask: np.ndarray, min_len: int) -> list[tuple[int, int]]:
+    """[start, end) of every run of True at least ``min_len`` long."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2]) if b - a >= min_len]
+
+
+def plan_batch(batch: pa.RecordBatch, kept: np.ndarray) -> BatchPlan | None:
+    """Find the episodes of this batch whose rows have the bulk shape (no model state read here)."""
+    events = batch.column("event")
+    if not pa.types.is_dictionary(events.type) or events.null_count:
+        return None
+    by_name = np.array([CODE.get(n, OTHER) for n in events.dictionary.to_pylist()], dtype=np.int8)
+    code = by_name[events.indices.to_numpy(zero_copy_only=False)][kept]
+    walks = np.flatnonzero(code == WALK)
+    if len(walks) <= MIN_RUN:
+        return None
+    n = len(kept)
+    col: dict[str, np.ndarray] = {}
+    valid: dict[str, np.ndarray] = {}
+    for name in ("ts_ns", "tid", "vm", "addr", "end", "error_code", "spte", "sptep", "gfn", "level", "pfn",
+                 "mmu_max", "map_writable"):
+        col[name], valid[name] = _column(batch, name, kept, False if name == "map_writable" else 0)
+    start, end = walks[:-1], walks[1:]
+    length = end - start
+
+    def count(*codes: int) -> np.ndarray:
+        cum = np.concatenate(([0], np.cumsum(np.isin(code, codes))))
+        return cum[end] - cum[start]
+
+    def at(offset: np.ndarray | int, base: np.ndarray = start) -> np.ndarray:
+        return np.minimum(base + offset, n - 1)
+
+    n_ad = count(ACCESSED, DIRTY)
+    ptes_ok = count(PTE) == LEVELS
+    for j in range(1, LEVELS + 1):
+        ptes_ok &= (code[at(j)] == PTE) & valid["spte"][at(j)]
+    is_fault = ((count(REQUESTED) == 1) & (count(SET_SPTE) == 1) & (length == 1 + LEVELS + n_ad + 2)
+                & (code[at(-2, end)] == REQUESTED) & (code[at(-1, end)] == SET_SPTE))
+    for name in ("gfn", "level", "pfn"):
+        is_fault &= valid[name][at(-2, end)]
+    for name in ("gfn", "level", "spte", "sptep"):
+        is_fault &= valid[name][at(-1, end)]
+    is_unmap = ((count(UNMAP) == 1) & (length == 1 + LEVELS + n_ad + 1) & (code[at(-1, end)] == UNMAP)
+                & valid["addr"][at(-1, end)] & valid["end"][at(-1, end)])
+    # One thread of one VM from the walk through the next walk (a null vm is the thread's own).
+    thread = np.where(valid["vm"], col["vm"].astype(_U64), _U64(1 << 63) | col["tid"].astype(np.int64).view(_U64))
+    change = np.concatenate(([0], np.cumsum((thread[1:] != thread[:-1]) | (col["tid"][1:] != col["tid"][:-1]))))
+    ad_addr_ok = np.ones(len(start), dtype=bool)
+    for j in range(MAX_AD):
+        ad_addr_ok &= (j >= n_ad) | valid["addr"][at(1 + LEVELS + j)]
+    fits = (ptes_ok & (n_ad <= MAX_AD) & (is_fault | is_unmap) & (change[end] == change[start])
+            & valid["addr"][start] & valid["error_code"][start] & ad_addr_ok)
+    runs = _spans(fits, MIN_RUN)
+    if not runs:
+        return None
+    return BatchPlan(kept, code, col, valid["mmu_max"], valid["map_writable"], walks, is_fault, n_ad, runs)
+
+
+@dataclass
+class WalkClass:
+    """What FNAME(walk_addr_generic) and FNAME(fetch) decide alike for every walk of one class."""
+
+    ok: bool
+    n_ad: int = 0
+    #: The A/D writes in order: (code, gpa; None where it is the leaf's, which varies in the class).
+    ad: tuple[tuple[int, int | None], ...] = ()
+    leaf_table_gfn: int = 0
+    table_gfns: tuple[int, ...] = ()
+    pte_access: int = 0
+    #: The shadow pages FNAME(fetch) goes through, root first; the last holds the leaf SPTE.
+    path: tuple[ShadowPage, ...] = ()
+
+
+def bulk_capable(vm: VmReplay) -> bool:
+    """A VM whose decisions the bulk rules can judge at all: the shadow MMU model itself (not a
+    replacement), no lost events, default parameters, no model event stream to write."""
+    return (vm.tdp_replay is None and not vm.lost_cpus and not vm.param_kinds and vm.result._model_rows is None
+            and type(vm.shadow) is ShadowMmu)
+
+
+def _steady(vm: VmReplay, t: Thread | None) -> bool:
+    """Model and thread state in which the bulk rules are the per-event rules (else: no bulk)."""
+    if vm.shadow.undecidable is not None or vm.shadow.pte_prefetch_window is not None:
+        return False
+    if t is None or t.vcpu is None or t.pending or t.fault is not None or t.fault_waiting is not None \
+            or t.emulating is not None or (t.walk is not None and t.walk.walker is None):
+        return False
+    vcpu = t.vcpu
+    return (vcpu.root is not None and not vcpu.needs_load and vcpu.cpu_role.root_level == LEVELS
+            and vcpu.cpu_role.cr0_wp and vcpu.root.level == LEVELS)
+
+
+def _walk_class(vcpu: VcpuMmu, addr: int, access: int, ptes: list[int]) -> WalkClass:
+    """Run the walker and the fetch descent for one representative walk of a class."""
+    root_gfn = vcpu.root_gfn if vcpu.root_gfn is not None else vcpu.root.gfn
+    w = walk_addr_generic(PTTYPE_64, vcpu.cpu_role, root_gfn, addr, access, ptes)
+    if w.truncated or w.fault_error_code is not None or w.level != 1:
+        return WalkClass(False)
+    leaf_gpa = w.pte_gpa[0]
+    ad = []
+    for event, gpa in w.ad_writes:
+        levels = [level for level in range(1, LEVELS + 1) if w.pte_gpa[level - 1] == gpa]
+        if 1 in levels and len(levels) > 1:
+            return WalkClass(False)  # an upper table entry at the leaf's address: not a class
+        ad.append((CODE[event], None if gpa == leaf_gpa else gpa))
+    path = [vcpu.root]
+    for level in range(LEVELS, 1, -1):  # FNAME(fetch): kvm_mmu_get_child_sp finds every link present
+        child = path[-1].children.get((addr >> (12 + 9 * (level - 1))) & 511)
+        if child is None:
+            return WalkClass(False)
+        path.append(child)
+    if path[-1].level != 1:
+        return WalkClass(False)
+    return WalkClass(True, len(ad), tuple(ad), w.table_gfn[0], tuple(w.table_gfn[:LEVELS - 1]), w.pte_access,
+                     tuple(path))
+
+
+def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, int]:
+    """Replay episodes [e0, e1) of ``plan`` (a ``bulk_capable`` VM's) in bulk as far as they fit.
+
+    Returns the first episode not replayed and the next one worth trying in bulk after it (the
+    episodes between them failed a check that the per-event replay of the first will not change).
+    """
+    walks, col, code = plan.walks, plan.col, plan.code
+    w_at = walks[e0:e1]
+    t = vm.threads.get(int(col["tid"][w_at[0]]))
+    if not _steady(vm, t):
+        return e0, e0 + 1
+    vcpu, shadow, arch = t.vcpu, vm.shadow, vm.arch
+    n = len(w_at)
+    addr = col["addr"][w_at].astype(_U64)
+    access = col["error_code"][w_at].astype(_U64)
+    ptes = [col["spte"][w_at + j].astype(_U64) for j in range(1, LEVELS + 1)]
+    leaf = ptes[-1]
+    # Classes: the walk's decisions depend on the leaf PTE's frame bits below MAXPHYADDR only
+    # through gpte_to_gfn_lvl, and on address bits 12-20 only through the leaf's index.
+    frame = _U64(((1 << vcpu.cpu_role.maxphyaddr) - 1) & ~0xFFF)
+    keys = np.stack([access, ptes[0], ptes[1], ptes[2], leaf & ~frame, addr >> _U64(21)], axis=1)
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    classes = [_walk_class(vcpu, int(addr[f]), int(access[f]), [int(p[f]) for p in ptes]) for f in first.tolist()]
+
+    def per_class(get: Callable[[WalkClass], Any], dtype: Any = _U64) -> np.ndarray:
+        return np.array([get(c) for c in classes], dtype=dtype)[inverse]
+
+    ok = per_class(lambda c: c.ok, bool)
+    # gpte_to_gfn_lvl(leaf, 1); the leaf's pte_gpa: its table and the address's level-1 index.
+    gfn = (leaf & _U64(PTTYPE_64.base_addr_mask)) >> _U64(12)
+    index = (addr >> _U64(12)) & _U64(511)
+    leaf_gpa = (per_class(lambda c: c.leaf_table_gfn) << _U64(12)) + index * _U64(8)
+    # The recorded A/D writes, in order, against the walker's.
+    n_ad = plan.n_ad[e0:e1]
+    ok &= n_ad == per_class(lambda c: c.n_ad, np.int64)
+    for j in range(MAX_AD):
+        row = np.minimum(w_at + 1 + LEVELS + j, len(code) - 1)
+        want_code = per_class(lambda c: c.ad[j][0] if j < c.n_ad else OTHER, np.int8)
+        want_gpa = np.where(per_class(lambda c: j < c.n_ad and c.ad[j][1] is None, bool), leaf_gpa,
+                            per_class(lambda c: c.ad[j][1] or 0 if j < c.n_ad else 0))
+        ok &= (j >= n_ad) | ((code[row] == want_code) & (col["addr"][row].astype(_U64) == want_gpa))
+    # page_fault_handle_page_track: a write-tracked gfn makes a present write fault emulate.
+    ok &= ~np.isin(gfn, np.fromiter(shadow.gfn_write_track, dtype=_U64, count=len(shadow.gfn_write_track)))
+
+    fault = plan.is_fault[e0:e1]
+    req, sset = walks[e0 + 1:e1 + 1] - 2, walks[e0 + 1:e1 + 1] - 1
+    # mmu_try_to_unsync_pages finds nothing to unsync or refuse only for a gfn no shadow page has
+    # (make_spte then never write-protects); FNAME(fetch) does not write to its own tables.
+    shadowed = np.fromiter(shadow.mmu_page_hash, dtype=_U64, count=len(shadow.mmu_page_hash))
+    fault_ok = ~np.isin(gfn, shadowed)
+    for level in range(LEVELS - 1):
+        fault_ok &= gfn != per_class(lambda c: c.table_gfns[level] if c.ok else 0)
+    # is_page_fault_stale: no host unmap since the walk (VmReplay.stale_since's first test).
+    unmap_ts = np.where(fault, 0, col["ts_ns"][sset]).astype(np.int64)
+    last = np.maximum.accumulate(np.where(fault, -1, np.arange(n)))
+    before = np.concatenate(([-1], last[:-1]))
+    prior = vm.unmaps[-1][0] if vm.unmaps else -1
+    last_unmap = np.where(before >= 0, unmap_ts[np.maximum(before, 0)], prior)
+    fault_ok &= last_unmap < col["ts_ns"][w_at].astype(np.int64)
+    # make_mmu_pages_available: the quota the engine holds at the fault (every handled row's
+    # mmu_max; guest PTE rows are not handled) leaves enough free pages; an unknown quota reclaims nothing.
+    has_max = plan.valid_mmu_max & (code != PTE)
+    max_at = np.maximum.accumulate(np.where(has_max, np.arange(len(code)), -1))[req]
+    in_run = max_at >= walks[e0]
+    n_max = col["mmu_max"][np.maximum(max_at, 0)].astype(np.int64)
+    if arch.n_max_mmu_pages is None:
+        known = in_run
+    else:
+        known = np.ones(n, dtype=bool)
+        n_max = np.where(in_run, n_max, arch.n_max_mmu_pages)
+    fault_ok &= ~known | (np.maximum(n_max - arch.n_used_mmu_pages, 0) >= KVM_MIN_FREE_MMU_PAGES)
+    # FNAME(fetch)'s map_writable: recorded, else a write fault's or (with zero_pfn) not the zero page.
+    pfn = col["pfn"][req].astype(_U64)
+    write = (access & _U64(PFERR_WRITE_MASK)) != 0
+    recorded_mw = plan.valid_map_writable[req]
+    zero_pfn = arch.zero_pfn
+    derived = write | ((pfn != _U64(zero_pfn)) if zero_pfn is not None else False)
+    host_writable = np.where(recorded_mw, col["map_writable"][req].astype(bool), derived)
+    fault_ok &= recorded_mw | write | (zero_pfn is not None)
+    fault_ok &= pfn < _U64(PFN_LIMIT)
+    # kvm_mmu_spte_requested (goal_level 1) and kvm_mmu_set_spte against the record.
+    flags = {}
+    for ci, c in enumerate(classes):
+        if c.ok:
+            ad_disabled = bool(shadow.layout.get(c.path[-1].role, "ad_disabled"))
+            for hw in (False, True):
+                spte, wrprot = make_spte(shadow.flavor, shadow.rules.spte, level=1, ad_disabled=ad_disabled,
+                                         pte_access=c.pte_access, pfn=0, old_spte=shadow.rules.nonpresent_spte,
+                                         prefetch=False, synchronizing=False, host_writable=hw,
+                                         nx_huge_pages=arch.nx_huge_pages, try_to_unsync=lambda: False)
+                flags[ci, hw] = spte
+    flag_table = np.array([[flags.get((ci, hw), 0) for hw in (False, True)] for ci in range(len(classes))],
+                          dtype=_U64)
+    spte = flag_table[inverse, host_writable.astype(np.int64)] | (pfn << _U64(12))
+    fault_ok &= (col["gfn"][req].astype(_U64) == gfn) & (col["level"][req] == 1)
+    fault_ok &= (col["gfn"][sset].astype(_U64) == gfn) & (col["level"][sset] == 1)
+    fault_ok &= col["spte"][sset].astype(_U64) == spte
+    fault_ok &= (col["sptep"][sset].astype(_U64) & _U64(0xFFF)) == index * _U64(8)
+    ok &= ~fault | fault_ok
+    bad = np.flatnonzero(~ok)
+    fits = int(bad[0]) if len(bad) else n
+    done = _apply(vm, t, plan, e0, fits, inverse, classes, index, gfn, spte) if fits else 0
+    if done < fits:
+        return e0 + done, e0 + done + 1
+    later = np.flatnonzero(ok[fits + 1:])
+    return e0 + fits, e0 + fits + 1 + int(later[0]) if len(later) else e1
+
+
+def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse: np.ndarray,
+           classes: list[WalkClass], index: np.ndarray, gfn: np.ndarray, spte: np.ndarray) -> int:
+    """The state changes of the first ``fits`` episodes in trace order (mmu_set_spte's SPTE, rmap
+    and timestamp; VmReplay.unmap for the host unmaps), stopping before a fault whose leaf SPTE is
+    present by then; the tallies of what was applied.  Returns the number of episodes applied."""
+    walks, col = plan.walks, plan.col
+    shadow = vm.shadow
+    first_ts = int(col["ts_ns"][walks[e0]])
+    vm.end_episode(t, {"ts_ns": first_ts, "cpu": 0, "tid": t.tid})  # what the first walk's row does first
+    last = walks[e0 + 1:e0 + fits + 1] - 1
+    ts = col["ts_ns"][last - 1].tolist()  # kvm_mmu_spte_requested's: mmu_set_spte runs while it is handled
+    is_fault = plan.is_fault[e0:e0 + fits].tolist()
+    leaves = [c.path[-1] if c.ok else None for c in classes]
+    cls = inverse[:fits].tolist()
+    idx, gfns, sptes = index[:fits].tolist(), gfn[:fits].tolist(), spte[:fits].tolist()
+    sptep, end, addr, uts = (col[name][last].tolist() for name in ("sptep", "end", "addr", "ts_ns"))
+    rmap_add, learn = shadow.rmap_add, shadow.learn_spt_page
+    done = fits
+    used: set[int] = set()
+    for k in range(fits):
+        if is_fault[k]:
+            sp, i = leaves[cls[k]], idx[k]
+            if i in sp.sptes:
+                done = k
+                break
+            sp.sptes[i] = sptes[k]
+            sp.spte_ts[i] = ts[k]
+            rmap_add(sp, i, gfns[k])
+            if sp.spt_page is None:
+                learn(sp, sptep[k])
+            used.add(cls[k])
+        else:
+            vm.arch.now_ns = uts[k]
+            vm.unmap({"ts_ns": uts[k], "addr": addr[k], "end": end[k]})
+    if done == 0:
+        return 0
+    for c in used:
+        for sp in classes[c].path:
+            sp.write_flooding_count = 0  # FNAME(fetch) clears it on every page it goes through
+    lo, hi = walks[e0], walks[e0 + done]
+    codes = plan.code[lo:hi]
+    for code, kind in KIND_OF.items():
+        _count(vm, kind, int(np.count_nonzero(codes == code)))
+    faults = int(np.count_nonzero(plan.is_fault[e0:e0 + done]))
+    _count(vm, "spte_requested", faults)
+    _count(vm, "set_spte", faults)
+    handled_max = np.flatnonzero(plan.valid_mmu_max[lo:hi] & (codes != PTE))
+    if len(handled_max):
+        vm.arch.n_max_mmu_pages = int(col["mmu_max"][lo + handled_max[-1]])
+    t.last_ts = vm.arch.now_ns = int(col["ts_ns"][hi - 1])
+    return done
+
+
+def _count(vm: VmReplay, kind: str, n: int) -> None:
+    if n:
+        key = (kind, "matched")
+        vm.result.tally[key] = vm.result.tally.get(key, 0) + n
