@@ -155,19 +155,23 @@ def plan_batch(batch: pa.RecordBatch, kept: np.ndarray) -> BatchPlan | None:
     return BatchPlan(kept, code, col, valid["mmu_max"], valid["map_writable"], walks, is_fault, n_ad, runs)
 
 
-@dataclass
+@dataclass(frozen=True)
 class WalkClass:
-    """What FNAME(walk_addr_generic) and FNAME(fetch) decide alike for every walk of one class."""
+    """What FNAME(walk_addr_generic) decides alike for every walk of one class (None: not bulk)."""
 
-    ok: bool
-    n_ad: int = 0
+    n_ad: int
     #: The A/D writes in order: (code, gpa; None where it is the leaf's, which varies in the class).
-    ad: tuple[tuple[int, int | None], ...] = ()
-    leaf_table_gfn: int = 0
-    table_gfns: tuple[int, ...] = ()
-    pte_access: int = 0
-    #: The shadow pages FNAME(fetch) goes through, root first; the last holds the leaf SPTE.
-    path: tuple[ShadowPage, ...] = ()
+    ad: tuple[tuple[int, int | None], ...]
+    leaf_table_gfn: int
+    #: The tables FNAME(fetch) links below the root, level 2 first (gw->table_gfn[0..2]).
+    table_gfns: tuple[int, ...]
+    pte_access: int
+
+
+#: Walk classes already evaluated, by (cpu role, root gfn, class key): a class's decisions depend
+#: on nothing else, so they hold across runs, VMs and traces.
+_CLASSES: dict[tuple, WalkClass | None] = {}
+_CLASSES_MAX = 1 << 16
 
 
 def bulk_capable(vm: VmReplay) -> bool:
@@ -189,29 +193,36 @@ def _steady(vm: VmReplay, t: Thread | None) -> bool:
             and vcpu.cpu_role.cr0_wp and vcpu.root.level == LEVELS)
 
 
-def _walk_class(vcpu: VcpuMmu, addr: int, access: int, ptes: list[int]) -> WalkClass:
-    """Run the walker and the fetch descent for one representative walk of a class."""
+def _walk_class(vcpu: VcpuMmu, key: tuple[int, ...], addr: int, ptes: list[int]) -> WalkClass | None:
+    """Run the walker for one representative walk of a class (``key[0]`` is its error code)."""
     root_gfn = vcpu.root_gfn if vcpu.root_gfn is not None else vcpu.root.gfn
-    w = walk_addr_generic(PTTYPE_64, vcpu.cpu_role, root_gfn, addr, access, ptes)
-    if w.truncated or w.fault_error_code is not None or w.level != 1:
-        return WalkClass(False)
-    leaf_gpa = w.pte_gpa[0]
-    ad = []
-    for event, gpa in w.ad_writes:
-        levels = [level for level in range(1, LEVELS + 1) if w.pte_gpa[level - 1] == gpa]
-        if 1 in levels and len(levels) > 1:
-            return WalkClass(False)  # an upper table entry at the leaf's address: not a class
-        ad.append((CODE[event], None if gpa == leaf_gpa else gpa))
+    cache_key = (vcpu.cpu_role, root_gfn, key)
+    if cache_key in _CLASSES:
+        return _CLASSES[cache_key]
+    if len(_CLASSES) >= _CLASSES_MAX:
+        _CLASSES.clear()
+    w = walk_addr_generic(PTTYPE_64, vcpu.cpu_role, root_gfn, addr, key[0], ptes)
+    c = None
+    if not w.truncated and w.fault_error_code is None and w.level == 1:
+        leaf_gpa = w.pte_gpa[0]
+        ad = [(CODE[event], None if gpa == leaf_gpa else gpa) for event, gpa in w.ad_writes]
+        # an upper table entry at the leaf's address would not vary with it: not a class
+        if w.pte_gpa.count(leaf_gpa) == 1:
+            c = WalkClass(len(ad), tuple(ad), w.table_gfn[0], tuple(w.table_gfn[:LEVELS - 1]), w.pte_access)
+    _CLASSES[cache_key] = c
+    return c
+
+
+def _fetch_path(vcpu: VcpuMmu, addr: int) -> tuple[ShadowPage, ...] | None:
+    """The shadow pages FNAME(fetch) goes through for ``addr``, root first, when kvm_mmu_get_child_sp
+    finds every link present down to a level-1 page (no decision before the leaf); else None."""
     path = [vcpu.root]
-    for level in range(LEVELS, 1, -1):  # FNAME(fetch): kvm_mmu_get_child_sp finds every link present
+    for level in range(LEVELS, 1, -1):
         child = path[-1].children.get((addr >> (12 + 9 * (level - 1))) & 511)
         if child is None:
-            return WalkClass(False)
+            return None
         path.append(child)
-    if path[-1].level != 1:
-        return WalkClass(False)
-    return WalkClass(True, len(ad), tuple(ad), w.table_gfn[0], tuple(w.table_gfn[:LEVELS - 1]), w.pte_access,
-                     tuple(path))
+    return tuple(path) if path[-1].level == 1 else None
 
 
 def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, int]:
@@ -237,12 +248,17 @@ def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, in
     keys = np.stack([access, ptes[0], ptes[1], ptes[2], leaf & ~frame, addr >> _U64(21)], axis=1)
     _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
-    classes = [_walk_class(vcpu, int(addr[f]), int(access[f]), [int(p[f]) for p in ptes]) for f in first.tolist()]
+    classes: list[WalkClass | None] = []
+    paths: list[tuple[ShadowPage, ...] | None] = []
+    for f, key in zip(first.tolist(), keys[first].tolist()):
+        c = _walk_class(vcpu, tuple(key), int(addr[f]), [int(p[f]) for p in ptes])
+        classes.append(c)
+        paths.append(_fetch_path(vcpu, int(addr[f])) if c is not None else None)
 
     def per_class(get: Callable[[WalkClass], Any], dtype: Any = _U64) -> np.ndarray:
-        return np.array([get(c) for c in classes], dtype=dtype)[inverse]
+        return np.array([get(c) if c is not None else 0 for c in classes], dtype=dtype)[inverse]
 
-    ok = per_class(lambda c: c.ok, bool)
+    ok = np.array([p is not None for p in paths], dtype=bool)[inverse]
     # gpte_to_gfn_lvl(leaf, 1); the leaf's pte_gpa: its table and the address's level-1 index.
     gfn = (leaf & _U64(PTTYPE_64.base_addr_mask)) >> _U64(12)
     index = (addr >> _U64(12)) & _U64(511)
@@ -266,7 +282,7 @@ def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, in
     shadowed = np.fromiter(shadow.mmu_page_hash, dtype=_U64, count=len(shadow.mmu_page_hash))
     fault_ok = ~np.isin(gfn, shadowed)
     for level in range(LEVELS - 1):
-        fault_ok &= gfn != per_class(lambda c: c.table_gfns[level] if c.ok else 0)
+        fault_ok &= gfn != per_class(lambda c: c.table_gfns[level])
     # is_page_fault_stale: no host unmap since the walk (VmReplay.stale_since's first test).
     unmap_ts = np.where(fault, 0, col["ts_ns"][sset]).astype(np.int64)
     last = np.maximum.accumulate(np.where(fault, -1, np.arange(n)))
@@ -296,18 +312,22 @@ def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, in
     fault_ok &= recorded_mw | write | (zero_pfn is not None)
     fault_ok &= pfn < _U64(PFN_LIMIT)
     # kvm_mmu_spte_requested (goal_level 1) and kvm_mmu_set_spte against the record.
-    flags = {}
-    for ci, c in enumerate(classes):
-        if c.ok:
-            ad_disabled = bool(shadow.layout.get(c.path[-1].role, "ad_disabled"))
+    flags: dict[tuple[int, bool, bool], int] = {}
+    table = []
+    for c, path in zip(classes, paths):
+        row = [0, 0]
+        if path is not None:
+            ad_disabled = bool(shadow.layout.get(path[-1].role, "ad_disabled"))
             for hw in (False, True):
-                spte, wrprot = make_spte(shadow.flavor, shadow.rules.spte, level=1, ad_disabled=ad_disabled,
-                                         pte_access=c.pte_access, pfn=0, old_spte=shadow.rules.nonpresent_spte,
-                                         prefetch=False, synchronizing=False, host_writable=hw,
-                                         nx_huge_pages=arch.nx_huge_pages, try_to_unsync=lambda: False)
-                flags[ci, hw] = spte
-    flag_table = np.array([[flags.get((ci, hw), 0) for hw in (False, True)] for ci in range(len(classes))],
-                          dtype=_U64)
+                fkey = (c.pte_access, ad_disabled, hw)
+                if fkey not in flags:
+                    flags[fkey] = make_spte(shadow.flavor, shadow.rules.spte, level=1, ad_disabled=ad_disabled,
+                                            pte_access=c.pte_access, pfn=0, old_spte=shadow.rules.nonpresent_spte,
+                                            prefetch=False, synchronizing=False, host_writable=hw,
+                                            nx_huge_pages=arch.nx_huge_pages, try_to_unsync=lambda: False)[0]
+                row[hw] = flags[fkey]
+        table.append(row)
+    flag_table = np.array(table, dtype=_U64)
     spte = flag_table[inverse, host_writable.astype(np.int64)] | (pfn << _U64(12))
     fault_ok &= (col["gfn"][req].astype(_U64) == gfn) & (col["level"][req] == 1)
     fault_ok &= (col["gfn"][sset].astype(_U64) == gfn) & (col["level"][sset] == 1)
@@ -316,7 +336,7 @@ def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, in
     ok &= ~fault | fault_ok
     bad = np.flatnonzero(~ok)
     fits = int(bad[0]) if len(bad) else n
-    done = _apply(vm, t, plan, e0, fits, inverse, classes, index, gfn, spte) if fits else 0
+    done = _apply(vm, t, plan, e0, fits, inverse, paths, index, gfn, spte) if fits else 0
     if done < fits:
         return e0 + done, e0 + done + 1
     later = np.flatnonzero(ok[fits + 1:])
@@ -324,7 +344,7 @@ def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, in
 
 
 def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse: np.ndarray,
-           classes: list[WalkClass], index: np.ndarray, gfn: np.ndarray, spte: np.ndarray) -> int:
+           paths: list[tuple[ShadowPage, ...] | None], index: np.ndarray, gfn: np.ndarray, spte: np.ndarray) -> int:
     """The state changes of the first ``fits`` episodes in trace order (mmu_set_spte's SPTE, rmap
     and timestamp; VmReplay.unmap for the host unmaps), stopping before a fault whose leaf SPTE is
     present by then; the tallies of what was applied.  Returns the number of episodes applied."""
@@ -335,11 +355,11 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
     last = walks[e0 + 1:e0 + fits + 1] - 1
     ts = col["ts_ns"][last - 1].tolist()  # kvm_mmu_spte_requested's: mmu_set_spte runs while it is handled
     is_fault = plan.is_fault[e0:e0 + fits].tolist()
-    leaves = [c.path[-1] if c.ok else None for c in classes]
+    leaves = [p[-1] if p is not None else None for p in paths]
     cls = inverse[:fits].tolist()
     idx, gfns, sptes = index[:fits].tolist(), gfn[:fits].tolist(), spte[:fits].tolist()
     sptep, end, addr, uts = (col[name][last].tolist() for name in ("sptep", "end", "addr", "ts_ns"))
-    rmap_add, learn = shadow.rmap_add, shadow.learn_spt_page
+    rmaps_setdefault, learn = shadow.rmaps.setdefault, shadow.learn_spt_page
     done = fits
     used: set[int] = set()
     for k in range(fits):
@@ -350,7 +370,7 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
                 break
             sp.sptes[i] = sptes[k]
             sp.spte_ts[i] = ts[k]
-            rmap_add(sp, i, gfns[k])
+            rmaps_setdefault((1, gfns[k]), {})[(sp, i)] = None  # rmap_add: a level-1 page's key
             if sp.spt_page is None:
                 learn(sp, sptep[k])
             used.add(cls[k])
@@ -360,7 +380,7 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
     if done == 0:
         return 0
     for c in used:
-        for sp in classes[c].path:
+        for sp in paths[c]:
             sp.write_flooding_count = 0  # FNAME(fetch) clears it on every page it goes through
     lo, hi = walks[e0], walks[e0 + done]
     codes = plan.code[lo:hi]
@@ -373,6 +393,7 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
     if len(handled_max):
         vm.arch.n_max_mmu_pages = int(col["mmu_max"][lo + handled_max[-1]])
     t.last_ts = vm.arch.now_ns = int(col["ts_ns"][hi - 1])
+    vm.result.bulk_events += int(hi - lo)
     return done
 
 

@@ -102,6 +102,8 @@ class ReplayResult:
     #: Inputs the engine inferred from the first decision that revealed them (docs/undecidable.md).
     inferred: dict[str, Any] = field(default_factory=dict)
     events: int = 0
+    #: Rows the bulk path replayed (replay/bulk.py); not part of the verdicts or the JSON.
+    bulk_events: int = 0
     max_divergences: int | None = None
     #: None when the caller did not ask for the model's event stream (it grows with the trace).
     _model_rows: list[dict[str, Any]] | None = field(default_factory=list)
@@ -806,18 +808,16 @@ class Row:
 
 
 class _Rows:
-    """A batch's kept rows in order, fed per event to their VM (creating it on its first row)."""
+    """A batch's kept rows, fed per event to their VM (creating it on its first row).  Only the
+    span of rows being fed is converted to Python (the rows between bulk runs are a small part)."""
 
-    def __init__(self, batch: pa.RecordBatch, vms: dict[int, VmReplay], make_vm: Callable[[int], VmReplay]) -> None:
-        self.cols = Columns(batch)
+    def __init__(self, batch: pa.RecordBatch, vms: dict[int, VmReplay], make_vm: Callable[[Any], VmReplay]) -> None:
+        self.batch = batch
         self.vms, self.make_vm = vms, make_vm
         self.vm: VmReplay | None = None
 
-    def vm_of(self, i: int, create: bool) -> VmReplay | None:
-        """The VM of row ``i`` (the thread id stands for a missing vm)."""
-        vm_id = self.cols["vm"][i]
-        if vm_id is None:
-            vm_id = self.cols["tid"][i]
+    def vm_of(self, vm_id: Any, create: bool) -> VmReplay | None:
+        """The VM ``vm_id`` (a thread id where the trace has no vm)."""
         if self.vm is None or self.vm.vm != vm_id:
             vm = self.vms.get(vm_id)
             if vm is None and create:
@@ -827,15 +827,27 @@ class _Rows:
             self.vm = vm
         return self.vm
 
+    def vm_at(self, i: int) -> VmReplay | None:
+        """The VM of batch row ``i`` if it exists already."""
+        vm_id = self.batch.column("vm")[i].as_py() if "vm" in self.batch.schema.names else None
+        return self.vm_of(vm_id if vm_id is not None else self.batch.column("tid")[i].as_py(), create=False)
+
     def replay(self, rows: list[int]) -> None:
         """Rows in order; guest PTEs (half of a shadow fault's events) go straight to their walk."""
-        cols = self.cols
+        if not rows:
+            return
+        lo = rows[0]
+        cols = Columns(self.batch.slice(lo, rows[-1] + 1 - lo) if lo or rows[-1] + 1 < self.batch.num_rows
+                       else self.batch)
         events, vm_col, tids, ptes = cols["event"], cols["vm"], cols["tid"], cols["spte"]
         vm = self.vm
         for i in rows:
+            i -= lo
             vm_id = vm_col[i]
-            if vm is None or vm.vm != (vm_id if vm_id is not None else tids[i]):
-                vm = self.vm_of(i, create=True)
+            if vm_id is None:
+                vm_id = tids[i]
+            if vm is None or vm.vm != vm_id:
+                vm = self.vm_of(vm_id, create=True)
             ev = events[i]
             if ev == "kvm_mmu_paging_element":
                 walk = vm.open_walk(tids[i])
@@ -861,7 +873,7 @@ def _replay_batch(batch: pa.RecordBatch, vms: dict[int, VmReplay], result: Repla
             first = int(plan.walks[e0])
             rows.replay(order[done:first])
             done = first
-            vm = rows.vm_of(first, create=False)
+            vm = rows.vm_at(order[first])
             if vm is None or not bulk_capable(vm):
                 break
             stop, e0 = replay_run(vm, plan, e0, e1)
