@@ -86,15 +86,22 @@ class BatchPlan:
     runs: list[tuple[int, int]]
 
 
-def _column(batch: pa.RecordBatch, name: str, kept: np.ndarray, fill: Any = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A column's values at the kept rows (nulls read ``fill``) and where it is not null."""
+def _column(batch: pa.RecordBatch, name: str, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A column's values at the kept rows and where it is not null (the values under a null are
+    whatever the buffer holds: every use is masked by validity)."""
     if name not in batch.schema.names:
-        return np.full(len(kept), fill), np.zeros(len(kept), dtype=bool)
+        return np.zeros(len(kept), dtype=np.int64), np.zeros(len(kept), dtype=bool)
     col = batch.column(name)
+    if pa.types.is_boolean(col.type) or not pa.types.is_integer(col.type):
+        values = pc.fill_null(col, pa.scalar(False if pa.types.is_boolean(col.type) else 0, col.type))
+        values = values.to_numpy(zero_copy_only=False)[kept]
+    else:  # the data buffer itself, no copy and no null filling
+        dtype = np.dtype(col.type.to_pandas_dtype())
+        values = np.frombuffer(col.buffers()[1], dtype=dtype, count=col.offset + len(col))[col.offset:][kept]
     if not col.null_count:
-        return col.to_numpy(zero_copy_only=False)[kept], np.ones(len(kept), dtype=bool)
-    values = pc.fill_null(col, pa.scalar(fill, col.type)).to_numpy(zero_copy_only=False)
-    return values[kept], col.is_valid().to_numpy(zero_copy_only=False)[kept]
+        return values, np.ones(len(kept), dtype=bool)
+    bits = np.unpackbits(np.frombuffer(col.buffers()[0], dtype=np.uint8), bitorder="little")
+    return values, bits[col.offset:col.offset + len(col)].astype(bool)[kept]
 
 
 def _spans(mask: np.ndarray, min_len: int) -> list[tuple[int, int]]:
@@ -118,7 +125,7 @@ def plan_batch(batch: pa.RecordBatch, kept: np.ndarray) -> BatchPlan | None:
     valid: dict[str, np.ndarray] = {}
     for name in ("ts_ns", "tid", "vm", "addr", "end", "error_code", "spte", "sptep", "gfn", "level", "pfn",
                  "mmu_max", "map_writable"):
-        col[name], valid[name] = _column(batch, name, kept, False if name == "map_writable" else 0)
+        col[name], valid[name] = _column(batch, name, kept)
     start, end = walks[:-1], walks[1:]
     length = end - start
 
@@ -225,6 +232,22 @@ def _fetch_path(vcpu: VcpuMmu, addr: int) -> tuple[ShadowPage, ...] | None:
     return tuple(path) if path[-1].level == 1 else None
 
 
+def _classes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(keys, axis=0): the first row of each distinct key and each row's key index.  The
+    rows are sorted by a 64-bit mix of their key (one column sorts much faster than six); a mix
+    shared by different keys (checked) takes the exact way."""
+    mix = np.zeros(len(keys), dtype=_U64)
+    for j in range(keys.shape[1]):
+        mix = (mix ^ keys[:, j]) * _U64(0x9E3779B97F4A7C15)
+        mix ^= mix >> _U64(29)
+    _, first, inverse = np.unique(mix, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if not (keys[first][inverse] == keys).all():
+        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+    return first, inverse
+
+
 def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, int]:
     """Replay episodes [e0, e1) of ``plan`` (a ``bulk_capable`` VM's) in bulk as far as they fit.
 
@@ -246,8 +269,7 @@ def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, in
     # through gpte_to_gfn_lvl, and on address bits 12-20 only through the leaf's index.
     frame = _U64(((1 << vcpu.cpu_role.maxphyaddr) - 1) & ~0xFFF)
     keys = np.stack([access, ptes[0], ptes[1], ptes[2], leaf & ~frame, addr >> _U64(21)], axis=1)
-    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    first, inverse = _classes(keys)
     classes: list[WalkClass | None] = []
     paths: list[tuple[ShadowPage, ...] | None] = []
     for f, key in zip(first.tolist(), keys[first].tolist()):
@@ -346,7 +368,7 @@ def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, in
 def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse: np.ndarray,
            paths: list[tuple[ShadowPage, ...] | None], index: np.ndarray, gfn: np.ndarray, spte: np.ndarray) -> int:
     """The state changes of the first ``fits`` episodes in trace order (mmu_set_spte's SPTE, rmap
-    and timestamp; VmReplay.unmap for the host unmaps), stopping before a fault whose leaf SPTE is
+    and timestamp; kvm_unmap_gfn_range for the host unmaps), stopping before a fault whose leaf SPTE is
     present by then; the tallies of what was applied.  Returns the number of episodes applied."""
     walks, col = plan.walks, plan.col
     shadow = vm.shadow
@@ -358,8 +380,10 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
     leaves = [p[-1] if p is not None else None for p in paths]
     cls = inverse[:fits].tolist()
     idx, gfns, sptes = index[:fits].tolist(), gfn[:fits].tolist(), spte[:fits].tolist()
-    sptep, end, addr, uts = (col[name][last].tolist() for name in ("sptep", "end", "addr", "ts_ns"))
+    sptep, uts = col["sptep"][last].tolist(), col["ts_ns"][last].tolist()
+    hits = _unmap_hits(vm, col["addr"][last], col["end"][last])
     rmaps_setdefault, learn = shadow.rmaps.setdefault, shadow.learn_spt_page
+    unmap_gfn_range, unmaps = vm.mmu.kvm_unmap_gfn_range, vm.unmaps
     done = fits
     used: set[int] = set()
     for k in range(fits):
@@ -374,9 +398,10 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
             if sp.spt_page is None:
                 learn(sp, sptep[k])
             used.add(cls[k])
-        else:
-            vm.arch.now_ns = uts[k]
-            vm.unmap({"ts_ns": uts[k], "addr": addr[k], "end": end[k]})
+        else:  # VmReplay.unmap, the memslots' gfn ranges computed by _unmap_hits
+            for gfn_range in hits[k] or ():
+                unmap_gfn_range(*gfn_range)
+            unmaps.append((uts[k], hits[k]))
     if done == 0:
         return 0
     for c in used:
@@ -395,6 +420,23 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
     t.last_ts = vm.arch.now_ns = int(col["ts_ns"][hi - 1])
     vm.result.bulk_events += int(hi - lo)
     return done
+
+
+def _unmap_hits(vm: VmReplay, start: np.ndarray, end: np.ndarray) -> list[list[tuple[int, int]] | None]:
+    """For each host unmap [start, end), the gfn ranges it hits: Memslot.hva_to_gfn_range of every
+    memslot in kvm_mmu_notifier_invalidate_range_start's order, a column at a time (None: the
+    memslot layout is unknown, as VmReplay.unmap records it)."""
+    if not vm.arch.memslots_known:
+        return [None] * len(start)
+    start, end = start.astype(np.int64), end.astype(np.int64)  # host addresses are below 2**63
+    per_slot = []
+    for slot in vm.arch.memslots.values():
+        lo = np.maximum(start, slot.userspace_addr)
+        hi = np.minimum(end, slot.userspace_addr + (slot.npages << 12))
+        first = slot.base_gfn + ((lo - slot.userspace_addr) >> 12)
+        last = slot.base_gfn + ((hi - 1 - slot.userspace_addr) >> 12) + 1
+        per_slot.append(list(zip((lo < hi).tolist(), first.tolist(), last.tolist())))
+    return [[(a, b) for hit, a, b in row if hit] for row in zip(*per_slot)] if per_slot else [[] for _ in start]
 
 
 def _count(vm: VmReplay, kind: str, n: int) -> None:
