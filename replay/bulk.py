@@ -35,7 +35,7 @@ per-event path resumes from exactly the state it would have reached itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +76,9 @@ class BatchPlan:
     kept: np.ndarray
     code: np.ndarray
     col: dict[str, np.ndarray]
-    valid_mmu_max: np.ndarray
+    #: The last kept row up to each one that set the quota (handle() reads every row's mmu_max;
+    #: guest PTE rows are not handled), or -1.
+    mmu_max_at: np.ndarray
     valid_map_writable: np.ndarray
     #: Kept index of every walk; episode e is kept rows [walks[e], walks[e + 1]).
     walks: np.ndarray
@@ -159,7 +161,9 @@ def plan_batch(batch: pa.RecordBatch, kept: np.ndarray) -> BatchPlan | None:
     runs = _spans(fits, MIN_RUN)
     if not runs:
         return None
-    return BatchPlan(kept, code, col, valid["mmu_max"], valid["map_writable"], walks, is_fault, n_ad, runs)
+    mmu_max_at = np.maximum.accumulate(np.where(valid["mmu_max"] & (code != PTE), np.arange(n), -1))
+    return BatchPlan(kept, code, col, mmu_max_at, valid["map_writable"], walks, is_fault, n_ad,
+                     runs)
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,27 @@ class WalkClass:
     #: The tables FNAME(fetch) links below the root, level 2 first (gw->table_gfn[0..2]).
     table_gfns: tuple[int, ...]
     pte_access: int
+
+    @functools.cached_property
+    def row(self) -> tuple[int, ...]:
+        """The class as one row of numbers, laid out as ``ClassColumns`` reads it."""
+        ad = self.ad + ((OTHER, 0),) * (MAX_AD - self.n_ad)
+        return (self.leaf_table_gfn, self.n_ad, *(code for code, _ in ad), *(gpa is None for _, gpa in ad),
+                *(gpa or 0 for _, gpa in ad), *self.table_gfns)
+
+
+class ClassColumns:
+    """The classes of a run's walks, one row per walk (``WalkClass.row``; zeros for no class)."""
+
+    def __init__(self, classes: list[WalkClass | None], inverse: np.ndarray) -> None:
+        width = 2 + 3 * MAX_AD + LEVELS - 1
+        rows = [c.row if c is not None else (0,) * width for c in classes]
+        self.table = np.array(rows, dtype=_U64).reshape(-1, width)[inverse]
+        self.leaf_table_gfn, self.n_ad = self.table[:, 0], self.table[:, 1].astype(np.int64)
+        self.ad_code = self.table[:, 2:2 + MAX_AD].astype(np.int8)
+        self.ad_is_leaf = self.table[:, 2 + MAX_AD:2 + 2 * MAX_AD] != 0
+        self.ad_gpa = self.table[:, 2 + 2 * MAX_AD:2 + 3 * MAX_AD]
+        self.table_gfns = self.table[:, 2 + 3 * MAX_AD:]
 
 
 #: Walk classes already evaluated, by (cpu role, root gfn, class key): a class's decisions depend
@@ -272,28 +297,27 @@ def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, in
     first, inverse = _classes(keys)
     classes: list[WalkClass | None] = []
     paths: list[tuple[ShadowPage, ...] | None] = []
+    region_paths: dict[int, tuple[ShadowPage, ...] | None] = {}  # by 2M region (key[-1])
     for f, key in zip(first.tolist(), keys[first].tolist()):
         c = _walk_class(vcpu, tuple(key), int(addr[f]), [int(p[f]) for p in ptes])
         classes.append(c)
-        paths.append(_fetch_path(vcpu, int(addr[f])) if c is not None else None)
+        if c is not None and key[-1] not in region_paths:
+            region_paths[key[-1]] = _fetch_path(vcpu, int(addr[f]))
+        paths.append(region_paths[key[-1]] if c is not None else None)
 
-    def per_class(get: Callable[[WalkClass], Any], dtype: Any = _U64) -> np.ndarray:
-        return np.array([get(c) if c is not None else 0 for c in classes], dtype=dtype)[inverse]
-
+    per = ClassColumns(classes, inverse)
     ok = np.array([p is not None for p in paths], dtype=bool)[inverse]
     # gpte_to_gfn_lvl(leaf, 1); the leaf's pte_gpa: its table and the address's level-1 index.
     gfn = (leaf & _U64(PTTYPE_64.base_addr_mask)) >> _U64(12)
     index = (addr >> _U64(12)) & _U64(511)
-    leaf_gpa = (per_class(lambda c: c.leaf_table_gfn) << _U64(12)) + index * _U64(8)
+    leaf_gpa = (per.leaf_table_gfn << _U64(12)) + index * _U64(8)
     # The recorded A/D writes, in order, against the walker's.
     n_ad = plan.n_ad[e0:e1]
-    ok &= n_ad == per_class(lambda c: c.n_ad, np.int64)
+    ok &= n_ad == per.n_ad
     for j in range(MAX_AD):
         row = np.minimum(w_at + 1 + LEVELS + j, len(code) - 1)
-        want_code = per_class(lambda c: c.ad[j][0] if j < c.n_ad else OTHER, np.int8)
-        want_gpa = np.where(per_class(lambda c: j < c.n_ad and c.ad[j][1] is None, bool), leaf_gpa,
-                            per_class(lambda c: c.ad[j][1] or 0 if j < c.n_ad else 0))
-        ok &= (j >= n_ad) | ((code[row] == want_code) & (col["addr"][row].astype(_U64) == want_gpa))
+        want_gpa = np.where(per.ad_is_leaf[:, j], leaf_gpa, per.ad_gpa[:, j])
+        ok &= (j >= n_ad) | ((code[row] == per.ad_code[:, j]) & (col["addr"][row].astype(_U64) == want_gpa))
     # page_fault_handle_page_track: a write-tracked gfn makes a present write fault emulate.
     ok &= ~np.isin(gfn, np.fromiter(shadow.gfn_write_track, dtype=_U64, count=len(shadow.gfn_write_track)))
 
@@ -304,7 +328,7 @@ def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, in
     shadowed = np.fromiter(shadow.mmu_page_hash, dtype=_U64, count=len(shadow.mmu_page_hash))
     fault_ok = ~np.isin(gfn, shadowed)
     for level in range(LEVELS - 1):
-        fault_ok &= gfn != per_class(lambda c: c.table_gfns[level])
+        fault_ok &= gfn != per.table_gfns[:, level]
     # is_page_fault_stale: no host unmap since the walk (VmReplay.stale_since's first test).
     unmap_ts = np.where(fault, 0, col["ts_ns"][sset]).astype(np.int64)
     last = np.maximum.accumulate(np.where(fault, -1, np.arange(n)))
@@ -314,8 +338,7 @@ def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, in
     fault_ok &= last_unmap < col["ts_ns"][w_at].astype(np.int64)
     # make_mmu_pages_available: the quota the engine holds at the fault (every handled row's
     # mmu_max; guest PTE rows are not handled) leaves enough free pages; an unknown quota reclaims nothing.
-    has_max = plan.valid_mmu_max & (code != PTE)
-    max_at = np.maximum.accumulate(np.where(has_max, np.arange(len(code)), -1))[req]
+    max_at = plan.mmu_max_at[req]
     in_run = max_at >= walks[e0]
     n_max = col["mmu_max"][np.maximum(max_at, 0)].astype(np.int64)
     if arch.n_max_mmu_pages is None:
@@ -376,37 +399,39 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
     vm.end_episode(t, {"ts_ns": first_ts, "cpu": 0, "tid": t.tid})  # what the first walk's row does first
     last = walks[e0 + 1:e0 + fits + 1] - 1
     ts = col["ts_ns"][last - 1].tolist()  # kvm_mmu_spte_requested's: mmu_set_spte runs while it is handled
-    is_fault = plan.is_fault[e0:e0 + fits].tolist()
-    leaves = [p[-1] if p is not None else None for p in paths]
-    cls = inverse[:fits].tolist()
-    idx, gfns, sptes = index[:fits].tolist(), gfn[:fits].tolist(), spte[:fits].tolist()
-    sptep, uts = col["sptep"][last].tolist(), col["ts_ns"][last].tolist()
-    hits = _unmap_hits(vm, col["addr"][last], col["end"][last])
-    rmaps_setdefault, learn = shadow.rmaps.setdefault, shadow.learn_spt_page
+    fault = plan.is_fault[e0:e0 + fits]
+    leaves = np.empty(len(paths), dtype=object)  # the level-1 page of each class
+    leaves[:] = [p[-1] if p is not None else None for p in paths]
+    unmap_rows = last[~fault]
+    hits = iter(zip(col["ts_ns"][unmap_rows].tolist(), _unmap_hits(vm, col["addr"][unmap_rows], col["end"][unmap_rows])))
+    rmaps_setdefault = shadow.rmaps.setdefault
     unmap_gfn_range, unmaps = vm.mmu.kvm_unmap_gfn_range, vm.unmaps
     done = fits
-    used: set[int] = set()
-    for k in range(fits):
-        if is_fault[k]:
-            sp, i = leaves[cls[k]], idx[k]
+    for k, (is_fault, sp, i, g, value, when) in enumerate(zip(
+            fault.tolist(), leaves[inverse[:fits]].tolist(), index[:fits].tolist(), gfn[:fits].tolist(),
+            spte[:fits].tolist(), ts)):
+        if is_fault:
             if i in sp.sptes:
                 done = k
                 break
-            sp.sptes[i] = sptes[k]
-            sp.spte_ts[i] = ts[k]
-            rmaps_setdefault((1, gfns[k]), {})[(sp, i)] = None  # rmap_add: a level-1 page's key
-            if sp.spt_page is None:
-                learn(sp, sptep[k])
-            used.add(cls[k])
+            sp.sptes[i] = value
+            sp.spte_ts[i] = when
+            rmaps_setdefault((1, g), {})[(sp, i)] = None  # rmap_add: a level-1 page's key
         else:  # VmReplay.unmap, the memslots' gfn ranges computed by _unmap_hits
-            for gfn_range in hits[k] or ():
+            unmap = next(hits)
+            for gfn_range in unmap[1] or ():
                 unmap_gfn_range(*gfn_range)
-            unmaps.append((uts[k], hits[k]))
+            unmaps.append(unmap)
     if done == 0:
         return 0
-    for c in used:
-        for sp in paths[c]:
+    applied = np.flatnonzero(fault[:done])
+    classes, first = np.unique(inverse[applied], return_index=True)
+    for k, c in sorted(zip(applied[first].tolist(), classes.tolist())):  # in trace order
+        path = paths[c]
+        for sp in path:
             sp.write_flooding_count = 0  # FNAME(fetch) clears it on every page it goes through
+        if path[-1].spt_page is None:  # learnt from the first kvm_mmu_set_spte that matched
+            shadow.learn_spt_page(path[-1], int(col["sptep"][last[k]]))
     lo, hi = walks[e0], walks[e0 + done]
     codes = plan.code[lo:hi]
     for code, kind in KIND_OF.items():
@@ -414,9 +439,8 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
     faults = int(np.count_nonzero(plan.is_fault[e0:e0 + done]))
     _count(vm, "spte_requested", faults)
     _count(vm, "set_spte", faults)
-    handled_max = np.flatnonzero(plan.valid_mmu_max[lo:hi] & (codes != PTE))
-    if len(handled_max):
-        vm.arch.n_max_mmu_pages = int(col["mmu_max"][lo + handled_max[-1]])
+    if plan.mmu_max_at[hi - 1] >= lo:
+        vm.arch.n_max_mmu_pages = int(col["mmu_max"][plan.mmu_max_at[hi - 1]])
     t.last_ts = vm.arch.now_ns = int(col["ts_ns"][hi - 1])
     vm.result.bulk_events += int(hi - lo)
     return done
