@@ -63,6 +63,10 @@ LEVELS = 4
 MAX_AD = LEVELS + 1
 #: Episodes: a shorter run costs more to set up than the per-event path takes.
 MIN_RUN = 16
+#: Episodes judged per attempt at most (an attempt's checks cost ~1 us an episode plus ~0.5 ms).
+MAX_ATTEMPT = 4096
+#: Episodes left to the per-event path after two attempts in a row replayed fewer than MIN_RUN.
+SKIP = 8 * MIN_RUN
 #: A pfn this wide would reach the SPTE's high flag bits when shifted (never on x86: 40 bits).
 PFN_LIMIT = 1 << 40
 _U64 = np.uint64
@@ -91,19 +95,20 @@ class BatchPlan:
 def _column(batch: pa.RecordBatch, name: str, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A column's values at the kept rows and where it is not null (the values under a null are
     whatever the buffer holds: every use is masked by validity)."""
+    rows = slice(None) if len(kept) == batch.num_rows else kept  # usually every row is kept
     if name not in batch.schema.names:
         return np.zeros(len(kept), dtype=np.int64), np.zeros(len(kept), dtype=bool)
     col = batch.column(name)
     if pa.types.is_boolean(col.type) or not pa.types.is_integer(col.type):
         values = pc.fill_null(col, pa.scalar(False if pa.types.is_boolean(col.type) else 0, col.type))
-        values = values.to_numpy(zero_copy_only=False)[kept]
+        values = values.to_numpy(zero_copy_only=False)[rows]
     else:  # the data buffer itself, no copy and no null filling
         dtype = np.dtype(col.type.to_pandas_dtype())
-        values = np.frombuffer(col.buffers()[1], dtype=dtype, count=col.offset + len(col))[col.offset:][kept]
+        values = np.frombuffer(col.buffers()[1], dtype=dtype, count=col.offset + len(col))[col.offset:][rows]
     if not col.null_count:
         return values, np.ones(len(kept), dtype=bool)
     bits = np.unpackbits(np.frombuffer(col.buffers()[0], dtype=np.uint8), bitorder="little")
-    return values, bits[col.offset:col.offset + len(col)].astype(bool)[kept]
+    return values, bits[col.offset:col.offset + len(col)].astype(bool)[rows]
 
 
 def _spans(mask: np.ndarray, min_len: int) -> list[tuple[int, int]]:
@@ -118,7 +123,9 @@ def plan_batch(batch: pa.RecordBatch, kept: np.ndarray) -> BatchPlan | None:
     if not pa.types.is_dictionary(events.type) or events.null_count:
         return None
     by_name = np.array([CODE.get(n, OTHER) for n in events.dictionary.to_pylist()], dtype=np.int8)
-    code = by_name[events.indices.to_numpy(zero_copy_only=False)][kept]
+    code = by_name[events.indices.to_numpy(zero_copy_only=False)]
+    if len(kept) < len(code):
+        code = code[kept]
     walks = np.flatnonzero(code == WALK)
     if len(walks) <= MIN_RUN:
         return None
@@ -273,12 +280,26 @@ def _classes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, inverse
 
 
-def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, int]:
+def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int, short: int) -> tuple[int, int, int]:
     """Replay episodes [e0, e1) of ``plan`` (a ``bulk_capable`` VM's) in bulk as far as they fit.
 
-    Returns the first episode not replayed and the next one worth trying in bulk after it (the
-    episodes between them failed a check that the per-event replay of the first will not change).
+    Returns the first episode not replayed, the next one worth trying in bulk after it (the
+    episodes between them go per event) and how many attempts in a row, this one included,
+    replayed fewer than ``MIN_RUN`` episodes (``short``: the caller's count before this one).  One
+    attempt judges at most ``MAX_ATTEMPT`` episodes, and after two short attempts in a row the next
+    ``SKIP`` episodes go per event, so a run that keeps stopping early costs at most about twice the
+    per-event path, never the square of its length.
     """
+    stop, resume = _attempt(vm, plan, e0, min(e1, e0 + MAX_ATTEMPT))
+    short = short + 1 if stop - e0 < MIN_RUN else 0
+    if short >= 2:
+        resume = max(resume, stop + SKIP)
+    return stop, min(resume, e1), short
+
+
+def _attempt(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, int]:
+    """One bulk attempt over episodes [e0, e1): the first episode not replayed and the next one that
+    passed the column checks after it."""
     walks, col, code = plan.walks, plan.col, plan.code
     w_at = walks[e0:e1]
     t = vm.threads.get(int(col["tid"][w_at[0]]))

@@ -867,7 +867,7 @@ def _replay_batch(batch: pa.RecordBatch, vms: dict[int, VmReplay], result: Repla
     rows = _Rows(batch, vms, lambda vm_id: VmReplay(vm_id, rules, split, meta, result, shadow_factory, lost, mask))
     order = kept.tolist()
     plan = plan_batch(batch, kept) if bulk else None
-    done = 0
+    done = short = 0
     for e0, e1 in plan.runs if plan is not None else ():
         while e1 - e0 >= MIN_RUN:
             first = int(plan.walks[e0])
@@ -876,6 +876,6 @@ def _replay_batch(batch: pa.RecordBatch, vms: dict[int, VmReplay], result: Repla
             vm = rows.vm_at(order[first])
             if vm is None or not bulk_capable(vm):
                 break
-            stop, e0 = replay_run(vm, plan, e0, e1)
+            stop, e0, short = replay_run(vm, plan, e0, e1, short)
             done = int(plan.walks[stop])
     rows.replay(order[done:])
