@@ -23,14 +23,18 @@ run of such episodes with numpy, not a second model:
   the pfn is ORed in per fault (``make_spte`` uses the pfn only there when not prefetching);
 - every prediction is compared with the recorded decision, as ``VmReplay.judge`` does.
 
+- the host unmaps are ``kvm_unmap_hva_range`` as ``VmReplay.unmap`` runs it: each memslot's gfn
+  range (``Memslot.hva_to_gfn_range``) computed a column at a time, then ``kvm_unmap_gfn_range``.
+
 The run ends before the first episode that does not fit: a different event order, inputs that
 would take another branch in the kernel (a write-tracked or shadowed gfn, a missing shadow page, a
-huge or failing walk, a stale fault, a reclaim, an SPTE already present, an undecidable input, lost
-events, non-default parameters, a replaced shadow model), or any prediction that differs from the
-record.  The engine replays that episode per event, so divergences and undecidable decisions always
-come from the per-event path.  State changes (leaf SPTEs, their rmaps and timestamps, ``spt_page``,
-``write_flooding_count``, host unmaps through ``VmReplay.unmap``) are applied in trace order, so the
-per-event path resumes from exactly the state it would have reached itself.
+huge or failing walk, a stale fault, a reclaim, an SPTE already present, an undecidable input), any
+prediction that differs from the record; and no run starts on a VM with lost events, non-default
+parameters, a TDP MMU, a replaced shadow model or a model event stream to keep.  The engine replays
+that episode per event, so divergences and undecidable decisions always come from the per-event
+path.  State changes (leaf SPTEs, their rmaps and timestamps, ``spt_page``, ``write_flooding_count``,
+the unmaps and the engine's unmap history) are applied in trace order, so the per-event path resumes
+from exactly the state it would have reached itself.
 """
 
 from __future__ import annotations
@@ -75,9 +79,9 @@ _U64 = np.uint64
 @dataclass
 class BatchPlan:
     """The state-independent part, once per batch: codes and columns of the rows the engine keeps,
-    every episode's bounds and whether its rows have the shape, and the candidate runs."""
+    every episode's bounds and whether its rows have the shape, and the candidate runs.  Indices
+    are into the kept rows."""
 
-    kept: np.ndarray
     code: np.ndarray
     col: dict[str, np.ndarray]
     #: The last kept row up to each one that set the quota (handle() reads every row's mmu_max;
@@ -158,8 +162,8 @@ def plan_batch(batch: pa.RecordBatch, kept: np.ndarray) -> BatchPlan | None:
     is_unmap = ((count(UNMAP) == 1) & (length == 1 + LEVELS + n_ad + 1) & (code[at(-1, end)] == UNMAP)
                 & valid["addr"][at(-1, end)] & valid["end"][at(-1, end)])
     # One thread of one VM from the walk through the next walk (a null vm is the thread's own).
-    thread = np.where(valid["vm"], col["vm"].astype(_U64), _U64(1 << 63) | col["tid"].astype(np.int64).view(_U64))
-    change = np.concatenate(([0], np.cumsum((thread[1:] != thread[:-1]) | (col["tid"][1:] != col["tid"][:-1]))))
+    vm, has_vm, tid = np.where(valid["vm"], col["vm"], 0), valid["vm"], col["tid"]
+    change = np.concatenate(([0], np.cumsum((vm[1:] != vm[:-1]) | (has_vm[1:] != has_vm[:-1]) | (tid[1:] != tid[:-1]))))
     ad_addr_ok = np.ones(len(start), dtype=bool)
     for j in range(MAX_AD):
         ad_addr_ok &= (j >= n_ad) | valid["addr"][at(1 + LEVELS + j)]
@@ -169,8 +173,7 @@ def plan_batch(batch: pa.RecordBatch, kept: np.ndarray) -> BatchPlan | None:
     if not runs:
         return None
     mmu_max_at = np.maximum.accumulate(np.where(valid["mmu_max"] & (code != PTE), np.arange(n), -1))
-    return BatchPlan(kept, code, col, mmu_max_at, valid["map_writable"], walks, is_fault, n_ad,
-                     runs)
+    return BatchPlan(code, col, mmu_max_at, valid["map_writable"], walks, is_fault, n_ad, runs)
 
 
 @dataclass(frozen=True)
@@ -424,7 +427,8 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
     leaves = np.empty(len(paths), dtype=object)  # the level-1 page of each class
     leaves[:] = [p[-1] if p is not None else None for p in paths]
     unmap_rows = last[~fault]
-    hits = iter(zip(col["ts_ns"][unmap_rows].tolist(), _unmap_hits(vm, col["addr"][unmap_rows], col["end"][unmap_rows])))
+    ranges = _unmap_hits(vm, col["addr"][unmap_rows], col["end"][unmap_rows])
+    hits = iter(zip(col["ts_ns"][unmap_rows].tolist(), ranges))  # VmReplay.unmaps' (ts, ranges)
     rmaps_setdefault = shadow.rmaps.setdefault
     unmap_gfn_range, unmaps = vm.mmu.kvm_unmap_gfn_range, vm.unmaps
     done = fits
