@@ -67,7 +67,8 @@ LEVELS = 4
 MAX_AD = LEVELS + 1
 #: Episodes: a shorter run costs more to set up than the per-event path takes.
 MIN_RUN = 16
-#: Episodes judged per attempt at most (an attempt's checks cost ~1 us an episode plus ~0.5 ms).
+#: Episodes judged per attempt: at first, and at most (see Pace).
+MIN_ATTEMPT = 64
 MAX_ATTEMPT = 4096
 #: Episodes left to the per-event path after two attempts in a row replayed fewer than MIN_RUN.
 SKIP = 8 * MIN_RUN
@@ -283,21 +284,32 @@ def _classes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, inverse
 
 
-def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int, short: int) -> tuple[int, int, int]:
+@dataclass
+class Pace:
+    """How many episodes the next bulk attempt judges, from how far the last ones got: an attempt's
+    checks cost ~0.3 ms plus ~1 us an episode, so a trace whose runs keep stopping early is judged
+    in small attempts and a steady one in large ones."""
+
+    size: int = MIN_ATTEMPT
+    #: Attempts in a row that replayed fewer than MIN_RUN episodes.
+    short: int = 0
+
+
+def replay_run(vm: VmReplay, plan: BatchPlan, e0: int, e1: int, pace: Pace) -> tuple[int, int]:
     """Replay episodes [e0, e1) of ``plan`` (a ``bulk_capable`` VM's) in bulk as far as they fit.
 
-    Returns the first episode not replayed, the next one worth trying in bulk after it (the
-    episodes between them go per event) and how many attempts in a row, this one included,
-    replayed fewer than ``MIN_RUN`` episodes (``short``: the caller's count before this one).  One
-    attempt judges at most ``MAX_ATTEMPT`` episodes, and after two short attempts in a row the next
-    ``SKIP`` episodes go per event, so a run that keeps stopping early costs at most about twice the
+    Returns the first episode not replayed and the next one worth trying in bulk after it (the
+    episodes between them go per event).  After two short attempts in a row the next ``SKIP``
+    episodes go per event, so a run that keeps stopping early costs at most about twice the
     per-event path, never the square of its length.
     """
-    stop, resume = _attempt(vm, plan, e0, min(e1, e0 + MAX_ATTEMPT))
-    short = short + 1 if stop - e0 < MIN_RUN else 0
-    if short >= 2:
+    stop, resume = _attempt(vm, plan, e0, min(e1, e0 + pace.size))
+    applied = stop - e0
+    pace.size = min(max(4 * applied, MIN_ATTEMPT), MAX_ATTEMPT)
+    pace.short = pace.short + 1 if applied < MIN_RUN else 0
+    if pace.short >= 2:
         resume = max(resume, stop + SKIP)
-    return stop, min(resume, e1), short
+    return stop, min(resume, e1)
 
 
 def _attempt(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, int]:
@@ -380,6 +392,13 @@ def _attempt(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, int]
     host_writable = np.where(recorded_mw, col["map_writable"][req].astype(bool), derived)
     fault_ok &= recorded_mw | write | (zero_pfn is not None)
     fault_ok &= pfn < _U64(PFN_LIMIT)
+    # mmu_set_spte over a present SPTE takes other branches (the same pfn kept, write protection
+    # lifted, a spurious fault): not bulk.  Only a host unmap removes an SPTE in a run, so one
+    # present now and with no unmap before its fault in the run is present then (the rest: _apply).
+    leaves = [p[-1] if p is not None else None for p in paths]
+    present = np.array([leaves[c] is not None and i in leaves[c].sptes
+                        for c, i in zip(inverse.tolist(), index.tolist())], dtype=bool)
+    fault_ok &= ~(present & (before < 0))
     # kvm_mmu_spte_requested (goal_level 1) and kvm_mmu_set_spte against the record.
     flags: dict[tuple[int, bool, bool], int] = {}
     table = []

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from mmutrace import schema
 from mmutrace.errors import MmutraceError, TraceFileError
-from replay.bulk import MIN_RUN, bulk_capable, plan_batch, replay_run
+from replay.bulk import MIN_RUN, Pace, bulk_capable, plan_batch, replay_run
 from replay.decisions import COMPARED, DECISION_EVENTS, IDENTITY, KIND, Decision, Tracepoints
 from replay.mmu import KVM_REFILL_PAGES, FaultIn, FaultInResult, KvmArch, KvmMmu, KvmPageFault, VcpuMmu
 from replay.paging_tmpl import PTTYPE_64, GuestWalker, walk_addr_generic
@@ -769,9 +769,10 @@ def replay_trace(path: str | Path, split: str | Split | None = None, allow_lost:
                           _model_rows=[] if keep_model_events else None)
     mask = known_role_mask(meta)
     vms: dict[int, VmReplay] = {}
+    pace = Pace() if bulk else None
     for batch in batches():
         result.events += batch.num_rows
-        _replay_batch(batch, vms, result, rules, chosen, meta, shadow_factory, set(lost), mask, bulk)
+        _replay_batch(batch, vms, result, rules, chosen, meta, shadow_factory, set(lost), mask, pace)
     for vm in vms.values():
         for t in vm.threads.values():
             vm.end_episode(t, {"ts_ns": t.last_ts, "cpu": 0, "tid": t.tid})
@@ -860,14 +861,14 @@ class _Rows:
 
 def _replay_batch(batch: pa.RecordBatch, vms: dict[int, VmReplay], result: ReplayResult, rules: VersionRules,
                   split: Split, meta: dict[str, Any], shadow_factory: Callable, lost: set[int], mask: int,
-                  bulk: bool) -> None:
+                  pace: Pace | None) -> None:
     """The batch's rows in order: runs of steady-state episodes in bulk (replay/bulk.py) where the
-    VM's state allows, every other row per event."""
+    VM's state allows, every other row per event (all of them without a ``pace``: ``bulk=False``)."""
     kept = np.flatnonzero(~_is_event_in(batch.column("event"), _SKIP_EVENTS))
     rows = _Rows(batch, vms, lambda vm_id: VmReplay(vm_id, rules, split, meta, result, shadow_factory, lost, mask))
     order = kept.tolist()
-    plan = plan_batch(batch, kept) if bulk else None
-    done = short = 0
+    plan = plan_batch(batch, kept) if pace is not None else None
+    done = 0
     for e0, e1 in plan.runs if plan is not None else ():
         while e1 - e0 >= MIN_RUN:
             first = int(plan.walks[e0])
@@ -876,6 +877,6 @@ def _replay_batch(batch: pa.RecordBatch, vms: dict[int, VmReplay], result: Repla
             vm = rows.vm_at(order[first])
             if vm is None or not bulk_capable(vm):
                 break
-            stop, e0, short = replay_run(vm, plan, e0, e1, short)
+            stop, e0 = replay_run(vm, plan, e0, e1, pace)
             done = int(plan.walks[stop])
     rows.replay(order[done:])
