@@ -958,15 +958,18 @@ class ShadowMmu:
     def kvm_shadow_mmu_unmap_gfn_range(self, start: int, end: int) -> bool:
         """kvm_zap_rmap over [start, end) at every level: leaf SPTEs go, no shadow page is zapped."""
         flush = False
+        rmaps = self.rmaps
         for level in (1, 2, 3):
             shift = 9 * (level - 1)
             first, last = start >> shift, (end - 1) >> shift
-            if last - first < len(self.rmaps):
-                keys = [(level, frame) for frame in range(first, last + 1) if (level, frame) in self.rmaps]
+            if first == last:  # one rmap head per level: a 4K host unmap, the common case
+                keys: Any = ((level, first),)
+            elif last - first < len(rmaps):
+                keys = [(level, frame) for frame in range(first, last + 1)]
             else:
-                keys = [k for k in self.rmaps if k[0] == level and first <= k[1] <= last]
+                keys = [k for k in rmaps if k[0] == level and first <= k[1] <= last]
             for key in keys:
-                for sp, index in self.rmaps.pop(key):
+                for sp, index in rmaps.pop(key, ()):
                     sp.sptes.pop(index, None)
                     flush = True
         return flush
