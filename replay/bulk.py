@@ -188,27 +188,30 @@ class WalkClass:
     #: The tables FNAME(fetch) links below the root, level 2 first (gw->table_gfn[0..2]).
     table_gfns: tuple[int, ...]
     pte_access: int
+    #: The bits FNAME(update_accessed_dirty_bits) set in the leaf gpte (what learn_gpte remembers).
+    leaf_ad: int
 
     @functools.cached_property
     def row(self) -> tuple[int, ...]:
         """The class as one row of numbers, laid out as ``ClassColumns`` reads it."""
         ad = self.ad + ((OTHER, 0),) * (MAX_AD - self.n_ad)
         return (self.leaf_table_gfn, self.n_ad, *(code for code, _ in ad), *(gpa is None for _, gpa in ad),
-                *(gpa or 0 for _, gpa in ad), *self.table_gfns)
+                *(gpa or 0 for _, gpa in ad), *self.table_gfns, self.leaf_ad)
 
 
 class ClassColumns:
     """The classes of a run's walks, one row per walk (``WalkClass.row``; zeros for no class)."""
 
     def __init__(self, classes: list[WalkClass | None], inverse: np.ndarray) -> None:
-        width = 2 + 3 * MAX_AD + LEVELS - 1
+        width = 2 + 3 * MAX_AD + LEVELS
         rows = [c.row if c is not None else (0,) * width for c in classes]
         self.table = np.array(rows, dtype=_U64).reshape(-1, width)[inverse]
         self.leaf_table_gfn, self.n_ad = self.table[:, 0], self.table[:, 1].astype(np.int64)
         self.ad_code = self.table[:, 2:2 + MAX_AD].astype(np.int8)
         self.ad_is_leaf = self.table[:, 2 + MAX_AD:2 + 2 * MAX_AD] != 0
         self.ad_gpa = self.table[:, 2 + 2 * MAX_AD:2 + 3 * MAX_AD]
-        self.table_gfns = self.table[:, 2 + 3 * MAX_AD:]
+        self.table_gfns = self.table[:, 2 + 3 * MAX_AD:1 + 3 * MAX_AD + LEVELS]
+        self.leaf_ad = self.table[:, -1]
 
 
 #: Walk classes already evaluated, by (cpu role, root gfn, class key): a class's decisions depend
@@ -251,7 +254,8 @@ def _walk_class(vcpu: VcpuMmu, key: tuple[int, ...], addr: int, ptes: list[int])
         ad = [(CODE[event], None if gpa == leaf_gpa else gpa) for event, gpa in w.ad_writes]
         # an upper table entry at the leaf's address would not vary with it: not a class
         if w.pte_gpa.count(leaf_gpa) == 1:
-            c = WalkClass(len(ad), tuple(ad), w.table_gfn[0], tuple(w.table_gfn[:LEVELS - 1]), w.pte_access)
+            c = WalkClass(len(ad), tuple(ad), w.table_gfn[0], tuple(w.table_gfn[:LEVELS - 1]), w.pte_access,
+                          w.ptes[0] & ~ptes[-1])
     _CLASSES[cache_key] = c
     return c
 
@@ -342,7 +346,8 @@ def _attempt(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, int]
         paths.append(region_paths[key[-1]] if c is not None else None)
 
     per = ClassColumns(classes, inverse)
-    ok = np.array([p is not None for p in paths], dtype=bool)[inverse]
+    # FNAME(pte_prefetch) of a direct level-1 page (a guest huge page's) takes __direct_pte_prefetch.
+    ok = np.array([p is not None and not shadow.layout.get(p[-1].role, "direct") for p in paths], dtype=bool)[inverse]
     # gpte_to_gfn_lvl(leaf, 1); the leaf's pte_gpa: its table and the address's level-1 index.
     gfn = (leaf & _U64(PTTYPE_64.base_addr_mask)) >> _U64(12)
     index = (addr >> _U64(12)) & _U64(511)
@@ -424,20 +429,44 @@ def _attempt(vm: VmReplay, plan: BatchPlan, e0: int, e1: int) -> tuple[int, int]
     ok &= ~fault | fault_ok
     bad = np.flatnonzero(~ok)
     fits = int(bad[0]) if len(bad) else n
-    done = _apply(vm, t, plan, e0, fits, inverse, paths, index, gfn, spte) if fits else 0
+    walked = Walked(leaf_gpa, leaf | per.leaf_ad, pfn, host_writable)
+    done = _apply(vm, t, plan, e0, fits, inverse, paths, index, gfn, spte, walked) if fits else 0
     if done < fits:
         return e0 + done, e0 + done + 1
     later = np.flatnonzero(ok[fits + 1:])
     return e0 + fits, e0 + fits + 1 + int(later[0]) if len(later) else e1
 
 
+@dataclass
+class Walked:
+    """Per episode of an attempt, what the per-event path learns from it besides its SPTE."""
+
+    #: The leaf gpte's gpa (w->pte_gpa[0]) and its value after the walk's A/D writes (w->ptes[0]).
+    leaf_gpa: np.ndarray
+    leaf_gpte: np.ndarray
+    #: The fault's pfn and whether it is mapped writable (fault->map_writable).
+    pfn: np.ndarray
+    host_writable: np.ndarray
+
+
 def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse: np.ndarray,
-           paths: list[tuple[ShadowPage, ...] | None], index: np.ndarray, gfn: np.ndarray, spte: np.ndarray) -> int:
-    """The state changes of the first ``fits`` episodes in trace order (mmu_set_spte's SPTE, rmap
-    and timestamp; kvm_unmap_gfn_range for the host unmaps), stopping before a fault whose leaf SPTE is
-    present by then; the tallies of what was applied.  Returns the number of episodes applied."""
+           paths: list[tuple[ShadowPage, ...] | None], index: np.ndarray, gfn: np.ndarray, spte: np.ndarray,
+           walked: Walked) -> int:
+    """The state changes of the first ``fits`` episodes in trace order, stopping before a fault whose
+    leaf SPTE is present by then or whose FNAME(pte_prefetch) would map a neighbour; the tallies of
+    what was applied.  Returns the number of episodes applied.
+
+    Per episode, the per-event path's functions in its order: ``learn_gpte`` of the walk's leaf
+    (VmReplay.complete_walk); for a fault, ``invalidate_in_progress`` at its kvm_mmu_spte_requested,
+    ``learn_pfn`` (FNAME(fetch) after kvm_mmu_faultin_pfn), mmu_set_spte's SPTE, timestamp,
+    ``guest_may_write`` and rmap_add, then ``fault_done`` (the prefetch window, if any, goes to the
+    thread: its next walk closes it); for a host unmap, kvm_unmap_gfn_range of each range
+    ``_unmap_hits`` found and ``VmReplay.unmapped``.  Whether pte_prefetch maps anything is asked
+    of ``prefetch_gptes`` before the SPTE is installed (the faulting index is skipped there, the
+    neighbours' gptes were read before it): the episode then goes per event, which learns the same
+    gpte, host page and invalidation state again (each is a plain overwrite)."""
     walks, col = plan.walks, plan.col
-    shadow = vm.shadow
+    shadow, arch, vcpu = vm.shadow, vm.arch, t.vcpu
     first_ts = int(col["ts_ns"][walks[e0]])
     vm.end_episode(t, {"ts_ns": first_ts, "cpu": 0, "tid": t.tid})  # what the first walk's row does first
     last = walks[e0 + 1:e0 + fits + 1] - 1
@@ -446,26 +475,40 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
     leaves = np.empty(len(paths), dtype=object)  # the level-1 page of each class
     leaves[:] = [p[-1] if p is not None else None for p in paths]
     unmap_rows = last[~fault]
-    ranges = _unmap_hits(vm, col["addr"][unmap_rows], col["end"][unmap_rows])
-    hits = iter(zip(col["ts_ns"][unmap_rows].tolist(), ranges))  # VmReplay.unmaps' (ts, ranges)
+    start, end = col["addr"][unmap_rows], col["end"][unmap_rows]
+    hits = iter(zip(col["ts_ns"][unmap_rows].tolist(), start.tolist(), end.tolist(), _unmap_hits(vm, start, end)))
     rmaps_setdefault = shadow.rmaps.setdefault
-    unmap_gfn_range, unmaps = vm.mmu.kvm_unmap_gfn_range, vm.unmaps
+    learn_gpte, guest_may_write, read_prefetch_gptes = shadow.learn_gpte, shadow.guest_may_write, shadow.read_prefetch_gptes
+    pte_prefetch_may_map, prefetch_gptes = shadow.pte_prefetch_may_map, shadow.prefetch_gptes
+    gfn_to_memslot, learn_pfn = arch.gfn_to_memslot, arch.guest.learn_pfn
+    unmap_gfn_range, invalidate_in_progress = vm.mmu.kvm_unmap_gfn_range, vm.invalidate_in_progress
     done = fits
-    for k, (is_fault, sp, i, g, value, when) in enumerate(zip(
+    for k, (is_fault, sp, i, g, value, when, gpa, gpte, pfn, writable) in enumerate(zip(
             fault.tolist(), leaves[inverse[:fits]].tolist(), index[:fits].tolist(), gfn[:fits].tolist(),
-            spte[:fits].tolist(), ts)):
+            spte[:fits].tolist(), ts, walked.leaf_gpa[:fits].tolist(), walked.leaf_gpte[:fits].tolist(),
+            walked.pfn[:fits].tolist(), walked.host_writable[:fits].tolist())):
+        if is_fault and i in sp.sptes:
+            done = k
+            break
+        learn_gpte(gpa, gpte)
         if is_fault:
-            if i in sp.sptes:
+            t.last_ts = when
+            arch.mmu_invalidate_in_progress = invalidate_in_progress()
+            if writable and (slot := gfn_to_memslot(g)) is not None:
+                learn_pfn(slot, g, pfn)
+            if pte_prefetch_may_map(sp) and next(prefetch_gptes(vcpu, sp, i, read_prefetch_gptes(gpa)), None) is not None:
                 done = k
                 break
             sp.sptes[i] = value
             sp.spte_ts[i] = when
+            guest_may_write(1, g, value)
             rmaps_setdefault((1, g), {})[(sp, i)] = None  # rmap_add: a level-1 page's key
-        else:  # VmReplay.unmap, the memslots' gfn ranges computed by _unmap_hits
-            unmap = next(hits)
-            for gfn_range in unmap[1] or ():
+            vm.fault_done(t, "fixed")
+        else:
+            unmap_ts, addr, unmap_end, hit = next(hits)
+            for gfn_range in hit or ():
                 unmap_gfn_range(*gfn_range)
-            unmaps.append(unmap)
+            vm.unmapped({"ts_ns": unmap_ts, "tid": t.tid, "addr": addr, "end": unmap_end}, hit)
     if done == 0:
         return 0
     applied = np.flatnonzero(fault[:done])

@@ -564,10 +564,15 @@ class VmReplay:
     # ---- host and ioctl inputs
 
     def unmap(self, row: dict[str, Any]) -> None:
-        """kvm_unmap_hva_range: notifier leaf zaps; whether it hit a memslot decides stale faults.
-        The host pages (and guest tables) of the range are no longer known."""
+        """kvm_unmap_hva_range: notifier leaf zaps; whether it hit a memslot decides stale faults."""
         hit = self.mmu.kvm_mmu_notifier_invalidate_range_start(row["addr"], row["end"]) \
             if self.arch.memslots_known else None
+        self.unmapped(row, hit)
+
+    def unmapped(self, row: dict[str, Any], hit: list[tuple[int, int]] | None) -> None:
+        """After a host unmap's leaf zaps (``hit``: the gfn ranges, None with no memslot layout):
+        remember it for is_page_fault_stale and mmu_invalidate_in_progress; the host pages (and
+        guest tables) of the range are no longer known."""
         self.unmaps.append((row["ts_ns"], hit))
         self.arch.guest.kvm_unmap_hva_range(row["addr"], row["end"])
         if hit is None:
