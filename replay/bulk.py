@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 
 from replay.mmu import KVM_MIN_FREE_MMU_PAGES, VcpuMmu
 from replay.paging_tmpl import PFERR_WRITE_MASK, PTTYPE_64, walk_addr_generic
-from replay.shadow_mmu import ShadowMmu, ShadowPage
+from replay.shadow_mmu import ShadowMmu, ShadowPage, prefetch_group_gpa
 from replay.spte import make_spte
 
 if TYPE_CHECKING:
@@ -478,7 +478,7 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
     start, end = col["addr"][unmap_rows], col["end"][unmap_rows]
     hits = iter(zip(col["ts_ns"][unmap_rows].tolist(), start.tolist(), end.tolist(), _unmap_hits(vm, start, end)))
     rmaps_setdefault = shadow.rmaps.setdefault
-    learn_gpte, guest_may_write, read_prefetch_gptes = shadow.learn_gpte, shadow.guest_may_write, shadow.read_prefetch_gptes
+    learn_gpte, guest_may_write, gpte_view = shadow.learn_gpte, shadow.guest_may_write, arch.guest.gpte_view
     pte_prefetch_may_map, prefetch_gptes = shadow.pte_prefetch_may_map, shadow.prefetch_gptes
     gfn_to_memslot, learn_pfn = arch.gfn_to_memslot, arch.guest.learn_pfn
     unmap_gfn_range, invalidate_in_progress = vm.mmu.kvm_unmap_gfn_range, vm.invalidate_in_progress
@@ -493,17 +493,19 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
         learn_gpte(gpa, gpte)
         if is_fault:
             t.last_ts = when
-            arch.mmu_invalidate_in_progress = invalidate_in_progress()
+            arch.mmu_invalidate_in_progress = invalidate_in_progress() if vm.invalidations else False
             if writable and (slot := gfn_to_memslot(g)) is not None:
                 learn_pfn(slot, g, pfn)
-            if pte_prefetch_may_map(sp) and next(prefetch_gptes(vcpu, sp, i, read_prefetch_gptes(gpa)), None) is not None:
+            if pte_prefetch_may_map(sp) and next(prefetch_gptes(vcpu, sp, i, gpte_view(prefetch_group_gpa(gpa))), None) \
+                    is not None:
                 done = k
                 break
             sp.sptes[i] = value
             sp.spte_ts[i] = when
             guest_may_write(1, g, value)
             rmaps_setdefault((1, g), {})[(sp, i)] = None  # rmap_add: a level-1 page's key
-            vm.fault_done(t, "fixed")
+            if shadow.pte_prefetch_window is not None:
+                vm.fault_done(t, "fixed")
         else:
             unmap_ts, addr, unmap_end, hit = next(hits)
             for gfn_range in hit or ():

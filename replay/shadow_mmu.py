@@ -11,21 +11,22 @@ checked against real traces the docstring says so (docs/model-map.md lists every
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 from replay.decisions import Decision
+from replay.guest_memory import PTE_PREFETCH_NUM
 from replay.mmu import (KVM_MIN_FREE_MMU_PAGES, KVM_REFILL_PAGES, FaultIn, KvmArch, KvmPageFault, Memslot,
                         VcpuMmu, kvm_handle_noslot_fault)
 from replay.paging_tmpl import (PTTYPE_64, GuestWalker, gpte_access, gpte_to_gfn_lvl, prefetch_invalid_gpte,
                                  protect_clean_gpte)
 from replay.role import ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK, kvm_mmu_child_role
-from replay.spte import (NON_EPT, PT_WRITABLE_MASK, SpteFlavor, get_mmio_spte_gfn, is_mmio_spte, is_noslot_pfn,
-                         is_shadow_present_pte, make_spte, spte_to_pfn, spte_write_protect)
+from replay.spte import (NON_EPT, PT_WRITABLE_MASK, SPTE_MMU_PRESENT_MASK, SpteFlavor, get_mmio_spte_gfn,
+                         is_mmio_spte, is_noslot_pfn, is_shadow_present_pte, make_spte, spte_to_pfn,
+                         spte_write_protect)
 
 #: An SPTE whose value the model lost (changed by an untraced path); see docs/undecidable.md.
 UNKNOWN_SPTE = -1
-PTE_PREFETCH_NUM = 8
 
 # Undecidable reasons (keys of the JSON's undecidable_reasons; explained in docs/undecidable.md).
 R_MAP_WRITABLE = "map_writable untraced (host page writability of a read fault)"
@@ -38,6 +39,11 @@ R_PREFETCH_PFN = "prefetched SPTE: neighbour's host page unknown (not faulted in
 R_PREFETCH_INVALIDATION = "prefetched SPTE: an mmu_notifier invalidation may be in progress"
 R_PARAMS = "non-default non-upstream kvm parameter"
 R_SYNC_GPTE = "MMIO SPTE re-marked by sync_page: the guest PTE it read is untraced"
+
+
+def prefetch_group_gpa(pte_gpa: int) -> int:
+    """The first gpte of the 8-aligned group around the leaf gpte at ``pte_gpa`` (FNAME(pte_prefetch)'s)."""
+    return pte_gpa & ~(PTE_PREFETCH_NUM * 8 - 1)
 
 
 class ShadowPage:
@@ -596,12 +602,8 @@ class ShadowMmu:
         uses.  Whether the walked gpte itself changed is not modelled: that needs a guest write
         racing with the fault."""
         if level == 1:
-            gw.prefetch_ptes = self.read_prefetch_gptes(gw.pte_gpa[0])
-
-    def read_prefetch_gptes(self, pte_gpa: int) -> list[int | None]:
-        """The guest PTEs of the 8-aligned group around the leaf gpte at ``pte_gpa`` (None: unknown)."""
-        base_gpa = pte_gpa & ~(PTE_PREFETCH_NUM * 8 - 1)
-        return self.arch.guest.kvm_vcpu_read_guest_atomic(base_gpa, PTE_PREFETCH_NUM)
+            gw.prefetch_ptes = self.arch.guest.kvm_vcpu_read_guest_atomic(prefetch_group_gpa(gw.pte_gpa[0]),
+                                                                          PTE_PREFETCH_NUM)
 
     def pte_prefetch(self, vcpu: VcpuMmu, gw: GuestWalker, sp: ShadowPage, index: int) -> None:
         """FNAME(pte_prefetch): map the group's other non-present entries, in order, until the
@@ -629,7 +631,7 @@ class ShadowMmu:
         return not self.arch.mmu_invalidate_in_progress
 
     def prefetch_gptes(self, vcpu: VcpuMmu, sp: ShadowPage, index: int,
-                       gptes: list[int | None]) -> Iterator[tuple[int, int, int, int]]:
+                       gptes: Sequence[int | None]) -> Iterator[tuple[int, int, int, int]]:
         """FNAME(pte_prefetch)'s loop over an indirect page's group (``gptes``, read by
         gpte_changed): each neighbour it maps, in order, as (index, pte_access, gfn, pfn); the
         caller maps it before the next is looked at.  It ends at the first the kernel does not map
@@ -640,11 +642,12 @@ class ShadowMmu:
         for i in range(start, start + PTE_PREFETCH_NUM):
             if i == index:
                 continue
-            if i in sptes:  # spte_present(), inlined: this loop runs for every level-1 fault
-                if sptes[i] == UNKNOWN_SPTE:
+            spte = sptes.get(i)
+            if spte is not None:  # spte_present(), inlined: this loop runs for every level-1 fault
+                if spte == UNKNOWN_SPTE:
                     self.pte_prefetch_window = (sp, R_OLD_SPTE)
                     return
-                if is_shadow_present_pte(sptes[i]):
+                if spte & SPTE_MMU_PRESENT_MASK:  # is_shadow_present_pte
                     continue
             target = self.prefetch_gpte(vcpu, sp, gptes[i - start])
             if target is None:
