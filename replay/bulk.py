@@ -24,7 +24,12 @@ run of such episodes with numpy, not a second model:
 - every prediction is compared with the recorded decision, as ``VmReplay.judge`` does.
 
 - the host unmaps are ``kvm_unmap_hva_range`` as ``VmReplay.unmap`` runs it: each memslot's gfn
-  range (``Memslot.hva_to_gfn_range``) computed a column at a time, then ``kvm_unmap_gfn_range``.
+  range (``Memslot.hva_to_gfn_range``) computed a column at a time, then ``kvm_unmap_gfn_range``
+  and ``VmReplay.unmapped``;
+- what PTE prefetch prediction reads is kept per episode by the per-event path's own functions
+  (``learn_gpte``, ``learn_pfn``, ``guest_may_write``, ``invalidate_in_progress``, ``fault_done``;
+  see ``_apply``), and FNAME(pte_prefetch) is asked (``ShadowMmu.prefetch_gptes``) whether it
+  would map a neighbour after each fault: such a fault is not bulk.
 
 The run ends before the first episode that does not fit: a different event order, inputs that
 would take another branch in the kernel (a write-tracked or shadowed gfn, a missing shadow page, a
