@@ -501,10 +501,10 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
             arch.mmu_invalidate_in_progress = invalidate_in_progress() if vm.invalidations else False
             if writable and (slot := gfn_to_memslot(g)) is not None:
                 learn_pfn(slot, g, pfn)
-            if pte_prefetch_may_map(sp) and next(prefetch_gptes(vcpu, sp, i, gpte_view(prefetch_group_gpa(gpa))), None) \
-                    is not None:
-                done = k
-                break
+            if pte_prefetch_may_map(sp):  # FNAME(pte_prefetch) would map a neighbour: not bulk
+                if next(prefetch_gptes(vcpu, sp, i, gpte_view(prefetch_group_gpa(gpa))), None) is not None:
+                    done = k
+                    break
             sp.sptes[i] = value
             sp.spte_ts[i] = when
             guest_may_write(1, g, value)
