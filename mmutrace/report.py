@@ -664,7 +664,7 @@ def build_report(trace: Path, output: Path, *, replay: bool = False, model: str 
 
         from mmutrace.diff import model_split
 
-        result = replay_trace(trace, split=model_split(model), allow_lost=allow_lost).to_json()
+        result = replay_trace(trace, split=model_split(model), allow_lost=allow_lost, keep_model_events=False).to_json()
         _replay_section(report, result, scan.t0)
     if diff_with is not None:
         from mmutrace.diff import diff_sources, load_trace

@@ -30,6 +30,7 @@ import pyarrow as pa
 from mmutrace import schema
 from mmutrace.errors import MmutraceError, TraceFileError
 from mmutrace.kvm.uapi import KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION
+from replay.bulk import MIN_RUN, Pace, bulk_capable, plan_batch, replay_run
 from replay.decisions import COMPARED, DECISION_EVENTS, IDENTITY, KIND, Decision, Tracepoints
 from replay.mmu import (BITS_PER_LONG, KVM_REFILL_PAGES, PML_LOG_NR_ENTRIES, FaultIn, FaultInResult, KvmArch, KvmMmu,
                         KvmPageFault, VcpuMmu)
@@ -114,6 +115,8 @@ class ReplayResult:
     #: Inputs the engine inferred from the first decision that revealed them (docs/undecidable.md).
     inferred: dict[str, Any] = field(default_factory=dict)
     events: int = 0
+    #: Rows the bulk path replayed (replay/bulk.py); not part of the verdicts or the JSON.
+    bulk_events: int = 0
     max_divergences: int | None = None
     #: None when the caller did not ask for the model's event stream (it grows with the trace).
     _model_rows: list[dict[str, Any]] | None = field(default_factory=list)
@@ -561,10 +564,15 @@ class VmReplay:
     # ---- host and ioctl inputs
 
     def unmap(self, row: dict[str, Any]) -> None:
-        """kvm_unmap_hva_range: notifier leaf zaps; whether it hit a memslot decides stale faults.
-        The host pages (and guest tables) of the range are no longer known."""
+        """kvm_unmap_hva_range: notifier leaf zaps; whether it hit a memslot decides stale faults."""
         hit = self.mmu.kvm_mmu_notifier_invalidate_range_start(row["addr"], row["end"]) \
             if self.arch.memslots_known else None
+        self.unmapped(row, hit)
+
+    def unmapped(self, row: dict[str, Any], hit: list[tuple[int, int]] | None) -> None:
+        """After a host unmap's leaf zaps (``hit``: the gfn ranges, None with no memslot layout):
+        remember it for is_page_fault_stale and mmu_invalidate_in_progress; the host pages (and
+        guest tables) of the range are no longer known."""
         self.unmaps.append((row["ts_ns"], hit))
         self.arch.guest.kvm_unmap_hva_range(row["addr"], row["end"])
         if hit is None:
@@ -844,11 +852,12 @@ def _jsonable(value: Any) -> Any:
 def replay_trace(path: str | Path, split: str | Split | None = None, allow_lost: bool = False,
                  assume_version: str | None = None, max_divergences: int | None = None,
                  shadow_factory: Callable[[KvmArch, dict[int, VcpuMmu]], ShadowMmu] = ShadowMmu,
-                 keep_model_events: bool = True) -> ReplayResult:
+                 keep_model_events: bool = True, bulk: bool = True) -> ReplayResult:
     """Replay one trace file through the models; see ReplayResult and docs/replay.md.
 
     ``keep_model_events=False`` keeps memory bounded by the model state (the CLI and the benchmark);
-    ``ReplayResult.model_events()`` then refuses.
+    ``ReplayResult.model_events()`` then refuses.  ``bulk=False`` replays every row per event (the
+    bulk path, replay/bulk.py, only runs without the model event stream and gives the same verdicts).
     """
     meta, batches = open_for_replay(path)
     rules = rules_for_release(meta.get("kernel_release"), assume_version)
@@ -862,9 +871,10 @@ def replay_trace(path: str | Path, split: str | Split | None = None, allow_lost:
                           _model_rows=[] if keep_model_events else None)
     mask = known_role_mask(meta)
     vms: dict[int, VmReplay] = {}
+    pace = Pace() if bulk else None
     for batch in batches():
         result.events += batch.num_rows
-        _replay_batch(batch, vms, result, rules, chosen, meta, shadow_factory, set(lost), mask)
+        _replay_batch(batch, vms, result, rules, chosen, meta, shadow_factory, set(lost), mask, pace)
     for vm in vms.values():
         for t in vm.threads.values():
             vm.end_episode(t, {"ts_ns": t.last_ts, "cpu": 0, "tid": t.tid})
@@ -900,26 +910,75 @@ class Row:
         return self.cols[name][self.i]
 
 
-def _replay_batch(batch: pa.RecordBatch, vms: dict[int, VmReplay], result: ReplayResult, rules: VersionRules,
-                  split: Split, meta: dict[str, Any], shadow_factory: Callable, lost: set[int], mask: int) -> None:
-    """Rows in order; guest PTEs (half of a shadow fault's events) go straight to their walk."""
-    cols = Columns(batch)
-    events, vm_col, tids, ptes = cols["event"], cols["vm"], cols["tid"], cols["spte"]
-    keep = ~_is_event_in(batch.column("event"), _SKIP_EVENTS)
-    vm = None
-    for i in np.flatnonzero(keep).tolist():
-        vm_id = vm_col[i]
-        if vm_id is None:
-            vm_id = tids[i]
-        if vm is None or vm.vm != vm_id:
-            vm = vms.get(vm_id)
-            if vm is None:
-                vm = vms[vm_id] = VmReplay(vm_id, rules, split, meta, result, shadow_factory, lost, mask)
-        ev = events[i]
-        if ev == "kvm_mmu_paging_element":
-            walk = vm.open_walk(tids[i])
-            if walk is not None:
-                walk.ptes.append(ptes[i])
-            continue
-        vm.handle(ev, Row(cols, i))
+class _Rows:
+    """A batch's kept rows, fed per event to their VM (creating it on its first row).  Only the
+    span of rows being fed is converted to Python (the rows between bulk runs are a small part)."""
 
+    def __init__(self, batch: pa.RecordBatch, vms: dict[int, VmReplay], make_vm: Callable[[Any], VmReplay]) -> None:
+        self.batch = batch
+        self.vms, self.make_vm = vms, make_vm
+        self.vm: VmReplay | None = None
+
+    def vm_of(self, vm_id: Any, create: bool) -> VmReplay | None:
+        """The VM ``vm_id`` (a thread id where the trace has no vm)."""
+        if self.vm is None or self.vm.vm != vm_id:
+            vm = self.vms.get(vm_id)
+            if vm is None and create:
+                vm = self.vms[vm_id] = self.make_vm(vm_id)
+            if vm is None:
+                return None
+            self.vm = vm
+        return self.vm
+
+    def vm_at(self, i: int) -> VmReplay | None:
+        """The VM of batch row ``i`` if it exists already."""
+        vm_id = self.batch.column("vm")[i].as_py() if "vm" in self.batch.schema.names else None
+        return self.vm_of(vm_id if vm_id is not None else self.batch.column("tid")[i].as_py(), create=False)
+
+    def replay(self, rows: list[int]) -> None:
+        """Rows in order; guest PTEs (half of a shadow fault's events) go straight to their walk."""
+        if not rows:
+            return
+        lo = rows[0]
+        cols = Columns(self.batch.slice(lo, rows[-1] + 1 - lo) if lo or rows[-1] + 1 < self.batch.num_rows
+                       else self.batch)
+        events, vm_col, tids, ptes = cols["event"], cols["vm"], cols["tid"], cols["spte"]
+        vm = self.vm
+        for i in rows:
+            i -= lo
+            vm_id = vm_col[i]
+            if vm_id is None:
+                vm_id = tids[i]
+            if vm is None or vm.vm != vm_id:
+                vm = self.vm_of(vm_id, create=True)
+            ev = events[i]
+            if ev == "kvm_mmu_paging_element":
+                walk = vm.open_walk(tids[i])
+                if walk is not None:
+                    walk.ptes.append(ptes[i])
+                continue
+            vm.handle(ev, Row(cols, i))
+        self.vm = vm
+
+
+def _replay_batch(batch: pa.RecordBatch, vms: dict[int, VmReplay], result: ReplayResult, rules: VersionRules,
+                  split: Split, meta: dict[str, Any], shadow_factory: Callable, lost: set[int], mask: int,
+                  pace: Pace | None) -> None:
+    """The batch's rows in order: runs of steady-state episodes in bulk (replay/bulk.py) where the
+    VM's state allows, every other row per event (all of them without a ``pace``: ``bulk=False``)."""
+    kept = np.flatnonzero(~_is_event_in(batch.column("event"), _SKIP_EVENTS))
+    rows = _Rows(batch, vms, lambda vm_id: VmReplay(vm_id, rules, split, meta, result, shadow_factory, lost, mask))
+    order = kept.tolist()
+    plan = plan_batch(batch, kept) if pace is not None else None
+    done = 0
+    for e0, e1 in plan.runs if plan is not None else ():
+        while e1 - e0 >= MIN_RUN:
+            first = int(plan.walks[e0])
+            rows.replay(order[done:first])
+            done = first
+            vm = rows.vm_at(order[first])
+            if vm is None or not bulk_capable(vm):
+                break
+            stop, e0 = replay_run(vm, plan, e0, e1, pace)
+            done = int(plan.walks[stop])
+    rows.replay(order[done:])

@@ -20,12 +20,15 @@ Used only when the memslot layout is known (the bcc recorder's ``ioctl_set_user_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from replay.mmu import Memslot
 
 PAGE_SHIFT = 12
+#: Guest PTEs FNAME(pte_prefetch) reads: an 8-aligned group.
+PTE_PREFETCH_NUM = 8
 #: KVM_MEM_READONLY: a write lookup of such a slot's hva fails (KVM_HVA_ERR_RO_BAD).
 KVM_MEM_READONLY = 1 << 1
 
@@ -42,6 +45,26 @@ def drop_range(known: dict[int, Any], first: int, last: int) -> None:
     else:
         for key in [k for k in known if first <= k <= last]:
             del known[key]
+
+
+class GpteView(Sequence):
+    """``kvm_vcpu_read_guest_atomic``'s PTEs read when indexed instead of copied, for a caller that
+    reads them before anything can change them (the bulk path's prefetch check, replay/bulk.py)."""
+
+    __slots__ = ("table", "gpa")
+
+    def __init__(self, table: dict[int, int], gpa: int) -> None:
+        self.table, self.gpa = table, gpa
+
+    def __getitem__(self, i: int) -> int | None:  # type: ignore[override]
+        return self.table.get(self.gpa + 8 * i)
+
+    def __len__(self) -> int:
+        return PTE_PREFETCH_NUM
+
+
+#: No PTE of the table is known.
+NO_GPTES: Sequence[int | None] = (None,) * PTE_PREFETCH_NUM
 
 
 class GuestMemory:
@@ -63,12 +86,19 @@ class GuestMemory:
         table = self.gptes.get(gpa >> PAGE_SHIFT)
         if table is None:
             return [None] * count
-        return [table.get(pte_gpa) for pte_gpa in range(gpa, gpa + 8 * count, 8)]
+        return list(map(table.get, range(gpa, gpa + 8 * count, 8)))
+
+    def gpte_view(self, gpa: int) -> Sequence[int | None]:
+        """kvm_vcpu_read_guest_atomic(gpa, PTE_PREFETCH_NUM) without the copy (see GpteView)."""
+        table = self.gptes.get(gpa >> PAGE_SHIFT)
+        return NO_GPTES if table is None else GpteView(table, gpa)
 
     def forget_gptes(self, first_gfn: int | None = None, last_gfn: int | None = None) -> None:
         """The guest (or the host) may have written the tables in [first_gfn, last_gfn]; all if None."""
         if first_gfn is None or last_gfn is None:
             self.gptes.clear()
+        elif first_gfn == last_gfn:  # one table: a 4K SPTE made writable (every guest write fault)
+            self.gptes.pop(first_gfn, None)
         else:
             drop_range(self.gptes, first_gfn, last_gfn)
 

@@ -11,21 +11,22 @@ checked against real traces the docstring says so (docs/model-map.md lists every
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 from replay.decisions import Decision
+from replay.guest_memory import PTE_PREFETCH_NUM
 from replay.mmu import (KVM_MIN_FREE_MMU_PAGES, KVM_REFILL_PAGES, FaultIn, KvmArch, KvmPageFault, Memslot,
                         VcpuMmu, kvm_handle_noslot_fault)
 from replay.paging_tmpl import (PTTYPE_64, GuestWalker, gpte_access, gpte_to_gfn_lvl, prefetch_invalid_gpte,
                                  protect_clean_gpte)
 from replay.role import ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK, kvm_mmu_child_role
-from replay.spte import (NON_EPT, PT_WRITABLE_MASK, SpteFlavor, get_mmio_spte_gfn, is_mmio_spte, is_noslot_pfn,
-                         is_shadow_present_pte, make_spte, spte_to_pfn, spte_write_protect)
+from replay.spte import (NON_EPT, PT_WRITABLE_MASK, SPTE_MMU_PRESENT_MASK, SpteFlavor, get_mmio_spte_gfn,
+                         is_mmio_spte, is_noslot_pfn, is_shadow_present_pte, make_spte, spte_to_pfn,
+                         spte_write_protect)
 
 #: An SPTE whose value the model lost (changed by an untraced path); see docs/undecidable.md.
 UNKNOWN_SPTE = -1
-PTE_PREFETCH_NUM = 8
 
 # Undecidable reasons (keys of the JSON's undecidable_reasons; explained in docs/undecidable.md).
 R_MAP_WRITABLE = "map_writable untraced (host page writability of a read fault)"
@@ -38,6 +39,11 @@ R_PREFETCH_PFN = "prefetched SPTE: neighbour's host page unknown (not faulted in
 R_PREFETCH_INVALIDATION = "prefetched SPTE: an mmu_notifier invalidation may be in progress"
 R_PARAMS = "non-default non-upstream kvm parameter"
 R_SYNC_GPTE = "MMIO SPTE re-marked by sync_page: the guest PTE it read is untraced"
+
+
+def prefetch_group_gpa(pte_gpa: int) -> int:
+    """The first gpte of the 8-aligned group around the leaf gpte at ``pte_gpa`` (FNAME(pte_prefetch)'s)."""
+    return pte_gpa & ~(PTE_PREFETCH_NUM * 8 - 1)
 
 
 class ShadowPage:
@@ -596,42 +602,57 @@ class ShadowMmu:
         uses.  Whether the walked gpte itself changed is not modelled: that needs a guest write
         racing with the fault."""
         if level == 1:
-            base_gpa = gw.pte_gpa[0] & ~(PTE_PREFETCH_NUM * 8 - 1)
-            gw.prefetch_ptes = self.arch.guest.kvm_vcpu_read_guest_atomic(base_gpa, PTE_PREFETCH_NUM)
+            gw.prefetch_ptes = self.arch.guest.kvm_vcpu_read_guest_atomic(prefetch_group_gpa(gw.pte_gpa[0]),
+                                                                          PTE_PREFETCH_NUM)
 
     def pte_prefetch(self, vcpu: VcpuMmu, gw: GuestWalker, sp: ShadowPage, index: int) -> None:
         """FNAME(pte_prefetch): map the group's other non-present entries, in order, until the
-        first that cannot be; where an input is unknown the model stops and names it (the
-        engine then takes the kernel's further prefetches of this page as undecidable)."""
-        if sp.level > 1:
-            return
-        if not self.arch.memslots_known:
-            self.pte_prefetch_window = (sp, R_PREFETCH)
-            return
-        if self.arch.mmu_invalidate_in_progress is None:
-            self.pte_prefetch_window = (sp, R_PREFETCH_INVALIDATION)
-            return
-        if self.arch.mmu_invalidate_in_progress:
+        first that cannot be (``prefetch_gptes`` names them); where an input is unknown the model
+        stops and names it (the engine then takes the kernel's further prefetches of this page as
+        undecidable)."""
+        if sp.level > 1 or not self.pte_prefetch_may_map(sp):
             return
         if self.layout.get(sp.role, "direct"):
             self.__direct_pte_prefetch(vcpu, sp, index)
             return
+        for i, pte_access, gfn, pfn in self.prefetch_gptes(vcpu, sp, index, gw.prefetch_ptes):
+            self.mmu_set_spte(vcpu, sp, i, pte_access, gfn, pfn, None)
+
+    def pte_prefetch_may_map(self, sp: ShadowPage) -> bool:
+        """Whether FNAME(pte_prefetch) can map anything after this fault: not while an mmu_notifier
+        invalidation is in progress (its pages may be going); the prefetch window is set where the
+        trace does not tell (no memslot layout, an invalidation that may still run)."""
+        if not self.arch.memslots_known:
+            self.pte_prefetch_window = (sp, R_PREFETCH)
+            return False
+        if self.arch.mmu_invalidate_in_progress is None:
+            self.pte_prefetch_window = (sp, R_PREFETCH_INVALIDATION)
+            return False
+        return not self.arch.mmu_invalidate_in_progress
+
+    def prefetch_gptes(self, vcpu: VcpuMmu, sp: ShadowPage, index: int,
+                       gptes: Sequence[int | None]) -> Iterator[tuple[int, int, int, int]]:
+        """FNAME(pte_prefetch)'s loop over an indirect page's group (``gptes``, read by
+        gpte_changed): each neighbour it maps, in order, as (index, pte_access, gfn, pfn); the
+        caller maps it before the next is looked at.  It ends at the first the kernel does not map
+        or the model cannot decide (the prefetch window then says why).  Nothing is changed here,
+        so the bulk path asks it whether a fault would prefetch anything (replay/bulk.py)."""
         start = index & ~(PTE_PREFETCH_NUM - 1)
         sptes = sp.sptes
         for i in range(start, start + PTE_PREFETCH_NUM):
             if i == index:
                 continue
-            if i in sptes:  # spte_present(), inlined: this loop runs for every level-1 fault
-                if sptes[i] == UNKNOWN_SPTE:
+            spte = sptes.get(i)
+            if spte is not None:  # spte_present(), inlined: this loop runs for every level-1 fault
+                if spte == UNKNOWN_SPTE:
                     self.pte_prefetch_window = (sp, R_OLD_SPTE)
                     return
-                if is_shadow_present_pte(sptes[i]):
+                if spte & SPTE_MMU_PRESENT_MASK:  # is_shadow_present_pte
                     continue
-            prefetched = self.prefetch_gpte(vcpu, sp, i, gw.prefetch_ptes[i - start])
-            if prefetched is None:
+            target = self.prefetch_gpte(vcpu, sp, gptes[i - start])
+            if target is None:
                 return
-            if not prefetched:
-                break
+            yield i, *target
 
     def spte_present(self, sp: ShadowPage, index: int) -> bool | None:
         """Whether sp's SPTE at index is present; None when the model lost it (UNKNOWN_SPTE)."""
@@ -640,26 +661,26 @@ class ShadowMmu:
             return None
         return spte is not None and is_shadow_present_pte(spte)
 
-    def prefetch_gpte(self, vcpu: VcpuMmu, sp: ShadowPage, index: int, gpte: int | None) -> bool | None:
-        """FNAME(prefetch_gpte): True when it mapped the gpte, False when the kernel stops here,
-        None when an input is unknown (the prefetch window is then set)."""
+    def prefetch_gpte(self, vcpu: VcpuMmu, sp: ShadowPage, gpte: int | None) -> tuple[int, int, int] | None:
+        """FNAME(prefetch_gpte) up to its mmu_set_spte (the caller's): the (pte_access, gfn, pfn) to
+        map; None where the kernel stops (an invalid gpte, no usable memslot) or where an input is
+        unknown (the prefetch window is then set)."""
         if gpte is None:
             self.pte_prefetch_window = (sp, R_PREFETCH_GPTE)
             return None
         if prefetch_invalid_gpte(PTTYPE_64, vcpu.cpu_role, gpte):
-            return False  # drop_spte of a non-present SPTE: nothing to drop
+            return None  # drop_spte of a non-present SPTE: nothing to drop
         gfn = gpte_to_gfn_lvl(PTTYPE_64, gpte, 1)
         pte_access = self.layout.get(sp.role, "access") & gpte_access(PTTYPE_64, gpte)
         pte_access = protect_clean_gpte(PTTYPE_64, pte_access, gpte)
         slot = self.arch.gfn_to_memslot_dirty_bitmap(gfn, bool(pte_access & ACC_WRITE_MASK))
         if slot is None:
-            return False
+            return None
         pfn = self.arch.guest.gfn_to_pfn_memslot_atomic(slot, gfn)
         if pfn is None:
             self.pte_prefetch_window = (sp, R_PREFETCH_PFN)
             return None
-        self.mmu_set_spte(vcpu, sp, index, pte_access, gfn, pfn, None)
-        return True
+        return pte_access, gfn, pfn
 
     def __direct_pte_prefetch(self, vcpu: VcpuMmu, sp: ShadowPage, index: int) -> None:
         """__direct_pte_prefetch: each run of non-present SPTEs in the group (the faulting one ends
@@ -958,15 +979,18 @@ class ShadowMmu:
     def kvm_shadow_mmu_unmap_gfn_range(self, start: int, end: int) -> bool:
         """kvm_zap_rmap over [start, end) at every level: leaf SPTEs go, no shadow page is zapped."""
         flush = False
+        rmaps = self.rmaps
         for level in (1, 2, 3):
             shift = 9 * (level - 1)
             first, last = start >> shift, (end - 1) >> shift
-            if last - first < len(self.rmaps):
-                keys = [(level, frame) for frame in range(first, last + 1) if (level, frame) in self.rmaps]
+            if first == last:  # one rmap head per level: a 4K host unmap, the common case
+                keys: Any = ((level, first),)
+            elif last - first < len(rmaps):
+                keys = [(level, frame) for frame in range(first, last + 1)]
             else:
-                keys = [k for k in self.rmaps if k[0] == level and first <= k[1] <= last]
+                keys = [k for k in rmaps if k[0] == level and first <= k[1] <= last]
             for key in keys:
-                for sp, index in self.rmaps.pop(key):
+                for sp, index in rmaps.pop(key, ()):
                     sp.sptes.pop(index, None)
                     flush = True
         return flush

@@ -31,6 +31,9 @@ SCENARIOS = {p.stem for p in TRACES}
 #: ``mmutrace record --scenario NAME --size N --seed 1 -o tests/data/bcc/NAME.parquet``
 #: with N = 256 (pt_rewrite, mmu_pages_limit, dirty_log, memslot_churn, unmap_refault) and 4 (cr3_switch).
 BCC_TRACES = sorted((DATA / "bcc").glob("*.parquet"))
+EXAMPLES = DATA.parent.parent / "examples"
+#: Every committed trace: the scenarios (tracefs and bcc), the examples and the nested lab's.
+ALL_TRACES = TRACES + BCC_TRACES + sorted(EXAMPLES.glob("*.parquet")) + sorted(EXAMPLES.glob("lab/*/*.parquet"))
 
 
 def test_every_scenario_has_a_committed_trace() -> None:
@@ -225,6 +228,59 @@ def test_swap_two_zaps(tmp_path: Path) -> None:
     found = _divergences_at(path)
     assert [(ts, seq) for ts, seq, _, _ in found] == keys
     assert {kind for *_, kind in found} == {"prepare_zap"}
+
+
+# --------------------------------------------------------------------------------------------
+# The bulk path (replay/bulk.py) against the per-event path
+# --------------------------------------------------------------------------------------------
+
+
+def _both_paths(trace: Path, split: str | None = None) -> tuple[dict, dict, int]:
+    """The JSON of a bulk and of a per-event replay, and how many rows the bulk path replayed."""
+    bulk = replay_trace(trace, split=split, keep_model_events=False)
+    per_event = replay_trace(trace, split=split, keep_model_events=False, bulk=False)
+    assert per_event.bulk_events == 0
+    return bulk.to_json(), per_event.to_json(), bulk.bulk_events
+
+
+@pytest.mark.parametrize("trace", ALL_TRACES, ids=lambda p: str(p.relative_to(DATA.parent.parent)))
+def test_bulk_and_per_event_replay_give_identical_verdicts(trace: Path) -> None:
+    for split in ("pre", "rfc"):
+        bulk, per_event, _ = _both_paths(trace, split)
+        assert bulk == per_event, split
+
+
+def test_bulk_path_replays_the_steady_state_of_a_touch_trace() -> None:
+    """All but the VM set-up, the guest's first faults (they create the shadow pages) and its exit."""
+    bulk, per_event, bulk_events = _both_paths(EXAMPLES / "touch-seed1.parquet")
+    assert bulk == per_event
+    assert bulk_events > 0.95 * bulk["events"]
+
+
+def _tamper_in_a_bulk_run(table: pa.Table) -> tuple[pa.Table, list[int]]:
+    """Clear the writable bit of the write fault's SPTE halfway through the trace."""
+    spte = table.column("spte").to_pylist()
+    sets = [r for r in _rows(table, "kvm_mmu_set_spte") if spte[r] & 2]
+    row = sets[len(sets) // 2]
+    return _set(table, "spte", row, spte[row] & ~2), [row]
+
+
+def _drop_an_unmap_in_a_bulk_run(table: pa.Table) -> tuple[pa.Table, list[int]]:
+    """Delete the host unmap (COW break) halfway through: the refault then finds its SPTE still
+    present (the error code corrects it, the per-event rules' adoption)."""
+    unmaps = _rows(table, "kvm_unmap_hva_range")
+    victim = unmaps[len(unmaps) // 2]
+    return table.filter(pa.array([i != victim for i in range(table.num_rows)])), []
+
+
+@pytest.mark.parametrize("edit", [_tamper_in_a_bulk_run, _drop_an_unmap_in_a_bulk_run], ids=lambda f: f.__name__)
+def test_bulk_path_falls_back_where_an_episode_does_not_fit(tmp_path: Path, edit: Callable) -> None:
+    path, keys = _tampered(tmp_path, EXAMPLES / "touch-seed1.parquet", edit)
+    bulk, per_event, bulk_events = _both_paths(path)
+    assert bulk == per_event
+    assert bulk_events > 0.9 * bulk["events"]
+    assert [(d["ts_ns"], d["seq"], d["verdict"], d["kind"]) for d in bulk["divergences"]] == \
+        [(*key, "mismatch", "set_spte") for key in keys]
 
 
 # --------------------------------------------------------------------------------------------

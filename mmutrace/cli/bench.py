@@ -64,14 +64,17 @@ def replay_bench(
     table = Table(title=f"mmutrace bench replay: {trace} ({figures['events']:,} events{times}, one core)")
     for column in ("job", "CPU s", "wall s", "events/CPU s", "peak RSS MB"):
         table.add_column(column, justify="left" if column == "job" else "right")
-    for job, label in (("arrow", "read (Arrow)"), ("read", "read + to Python"), ("replay", "replay")):
+    for job, label in (("arrow", "read (Arrow)"), ("read", "read + to Python"), ("replay", "replay"),
+                       ("per_event", "replay --no-bulk")):
         f = figures[job]
         table.add_row(label, f"{f['cpu_s']:.2f}", f"{f['wall_s']:.2f}", f"{f['events_per_cpu_s']:,}",
                       f"{f['peak_rss_mb']:.0f}")
     console = Console(width=max(Console().width, 110))
     console.print(table)
     console.print(f"replay speed / read speed: {figures['replay_vs_arrow_read']} (Arrow), "
-                  f"{figures['replay_vs_python_read']} (to Python); replay verdicts {figures['replay']['verdicts']}")
+                  f"{figures['replay_vs_python_read']} (to Python); {figures['replay_vs_per_event']}x the per-event "
+                  f"replay, {100 * figures['bulk_share']:.1f}% of the rows in bulk, same verdicts: "
+                  f"{figures['same_verdicts']}; replay verdicts {figures['replay']['verdicts']}")
 
 
 def register(app: typer.Typer) -> None:

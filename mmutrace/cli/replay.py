@@ -5,6 +5,7 @@ Examples:
     mmutrace replay out/touch.parquet --json | jq .matched
     mmutrace replay lab/tdp.parquet --split pre           # the common fault path before RFC patch 9
     mmutrace replay old.parquet --assume-version 6.12     # a kernel whose layouts replay does not know
+    mmutrace replay big.parquet --no-bulk                 # every event through the per-event path
 
 Exit status: 0 when no decidable decision diverged, 1 when one did, 2 on bad input.  The JSON object
 is documented in docs/replay.md.
@@ -90,6 +91,8 @@ def register(app: typer.Typer) -> None:
                                         "on the CPUs that lost events become undecidable."),
         assume_version: Optional[str] = typer.Option(None, "--assume-version",
                                                      help="Rules to use for an unknown kernel: 6.1|6.12|6.18."),
+        no_bulk: bool = typer.Option(False, "--no-bulk", help="Replay every event through the per-event path "
+                                     "(no bulk runs of steady-state faults; same verdicts, slower)."),
     ) -> None:
         """Replay TRACE through the shadow (and TDP) MMU models and judge every recorded decision."""
         if split not in (None, "pre", "rfc"):
@@ -97,7 +100,7 @@ def register(app: typer.Typer) -> None:
 
             raise UsageError(f"--split must be pre or rfc, not {split!r}")
         result = replay_trace(trace, split=split, allow_lost=allow_lost, assume_version=assume_version,
-                              max_divergences=max_divergences, keep_model_events=False)
+                              max_divergences=max_divergences, keep_model_events=False, bulk=not no_bulk)
         if as_json:
             out: dict[str, Any] = result.to_json()
             typer.echo(json.dumps(out))
