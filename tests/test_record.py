@@ -46,10 +46,12 @@ class Recorded:
 def _record_with_tracefs(out: Path, opts: RecordOptions, pids: Callable[[RecordResult], list[int]]) -> Recorded:
     """Record ``opts`` with bcc while a tracefs capture takes the same run.
 
-    The capture follows this process's children (event-fork): the command the recorder starts is
-    one.  The importer's parser then keeps the rows of ``pids``.
+    The capture is system-wide and the importer's parser keeps the rows of ``pids``: tracefs's own
+    pid filter (``set_event_pid`` + ``event-fork``) can miss a new thread's first events (seen:
+    the first eight ``kvm_unmap_hva_range`` of multi_vcpu's vCPU threads, right after clone, while
+    the machine was busy), which bcc, filtering by tgid, rightly keeps.
     """
-    with tracefs.Capture(tgid=os.getpid()) as capture:
+    with tracefs.Capture() as capture:
         result = record(opts)
     keep = pids(result)
     parsed = pa.concat_tables(ftrace_text.parse_file(capture.text_path, tgid=pid).table for pid in keep)
