@@ -46,18 +46,24 @@ class Recorded:
 def _record_with_tracefs(out: Path, opts: RecordOptions, pids: Callable[[RecordResult], list[int]]) -> Recorded:
     """Record ``opts`` with bcc while a tracefs capture takes the same run.
 
-    The capture is system-wide and the importer's parser keeps the rows of ``pids``: tracefs's own
-    pid filter (``set_event_pid`` + ``event-fork``) can miss a new thread's first events (seen:
-    the first eight ``kvm_unmap_hva_range`` of multi_vcpu's vCPU threads, right after clone, while
-    the machine was busy), which bcc, filtering by tgid, rightly keeps.
+    The text's rows of ``pids`` are kept, including those whose tgid the text prints as
+    ``(-------)``: tracefs learns a task's tgid only when the task is scheduled, so a freshly
+    cloned vCPU thread's first events carry none (seen: the first eight ``kvm_unmap_hva_range`` of
+    multi_vcpu's vCPU threads on a busy machine; the parser then falls back to the tid).  Such a
+    row belongs to a process when its tid shows up with that process's tgid elsewhere in the text.
     """
     with tracefs.Capture() as capture:
         result = record(opts)
     keep = pids(result)
-    parsed = pa.concat_tables(ftrace_text.parse_file(capture.text_path, tgid=pid).table for pid in keep)
+    text = frame(ftrace_text.parse_file(capture.text_path).table)
+    tids = set(text.tid[text.pid.isin(keep)])
+    no_tgid = (text.pid == text.tid) & text.tid.isin(tids) & ~text.pid.isin(keep)
+    owner = {tid: pid for tid, pid in zip(text.tid, text.pid) if pid in keep}
+    text.loc[no_tgid, "pid"] = text.tid[no_tgid].map(owner)
+    parsed = text[text.pid.isin(keep)].reset_index(drop=True)
     lost = capture.lost
     capture.cleanup()
-    return Recorded(result, frame(pq.read_table(opts.output)), frame(parsed), lost,
+    return Recorded(result, frame(pq.read_table(opts.output)), parsed, lost,
                     storage.open_trace(opts.output).metadata)
 
 
