@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 R_UNMAP = "MMU-notifier zap: memslot hva layout untraced (tracefs)"
 R_UNTRACED_IOCTL = "SPTE change outside any fault or traced cause (memslot or dirty-log ioctl untraced)"
 R_TEARDOWN = "VM teardown (kvm_mmu_zap_all) is untraced; the model zaps from the first zap on"
+R_INVALIDATION_RETRY = ("fault retried while another thread's mmu_notifier invalidation may be in progress "
+                        "(only its start is traced)")
 R_NO_FAULT = "TDP map without kvm_page_fault (async page fault completion or pre-fault ioctl)"
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 
@@ -44,6 +46,8 @@ class TdpReplay:
         #: Each thread's fault in progress, as the engine's Walk: a TDP fault has no guest walk, so
         #: kvm_faultin_pfn (where mmu_invalidate_seq is sampled) starts at the NPF itself.
         self.fault_start: dict[int, Walk] = {}
+        #: Threads whose fault started while another thread's invalidation may still have run.
+        self.started_in_invalidation: set[int] = set()
 
     def handle(self, t: Thread, ev: str, row: dict[str, Any]) -> bool:
         """Take the row if it is part of TDP episode logic; False lets the engine handle it."""
@@ -77,6 +81,8 @@ class TdpReplay:
         from replay.engine import Walk  # the engine imports this module
 
         self.fault_start[t.tid] = Walk(row["ts_ns"], row["addr"], row["error_code"], completed_ts=row["ts_ns"])
+        if vm.invalidate_in_progress() is None:
+            self.started_in_invalidation.add(t.tid)
         if vcpu.root is None or vcpu.needs_load:
             self.reload(t, vcpu)
         if vcpu.root is None:
@@ -115,8 +121,14 @@ class TdpReplay:
                 t.fault_reason = R_UNMAP
             elif stale:
                 t.fault = t.fault_waiting = None
+            elif t.tid in self.started_in_invalidation:
+                # kvm_mmu_faultin_pfn bails out (RET_PF_RETRY) while an invalidation of the gfn is
+                # in progress (6.12: mmu_invalidate_retry_gfn_unsafe); another thread's had started
+                # when this fault did, and only its start is traced, so it may still have run.
+                t.fault_reason = R_INVALIDATION_RETRY
         vm.end_episode(t, row)
         self.unmapped_blind.discard(t.tid)
+        self.started_in_invalidation.discard(t.tid)
 
     def set_memory_region(self, t: Thread, ev: str, row: dict[str, Any]) -> None:
         """Common code handles the slot; a dirty-logging toggle is kvm_mmu_slot_apply_flags: on, eager
