@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmutrace.errors import MmutraceError
+from mmutrace.kvm.uapi import (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
+                               KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES)
 from replay.decisions import Decision, Tracepoints
 from replay.guest_memory import GuestMemory
 from replay.paging_tmpl import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK,
@@ -29,10 +31,6 @@ KVM_MIN_ALLOC_MMU_PAGES = 64
 KVM_MEMSLOT_PAGES_TO_MMU_PAGES_RATIO = 50
 KVM_MIN_FREE_MMU_PAGES = 5
 KVM_REFILL_PAGES = 25
-KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
-KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
-KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
-KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 BITS_PER_LONG = 64
 #: PML_LOG_NR_ENTRIES (vmx): kvm_x86_ops.cpu_dirty_log_size when kvm_intel's enable_pml is on.
 PML_LOG_NR_ENTRIES = 512

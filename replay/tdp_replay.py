@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mmutrace.errors import TraceFileError
+from mmutrace.kvm.uapi import KVM_MEM_LOG_DIRTY_PAGES
 from replay.decisions import KIND
 from replay.mmu import FaultInResult, KvmPageFault
 from replay.tdp_mmu import R_NO_ROOT, TdpMmu, TdpPage
@@ -25,7 +26,6 @@ R_TEARDOWN = "VM teardown (kvm_mmu_zap_all) is untraced; the model zaps from the
 R_INVALIDATION_RETRY = ("fault retried while another thread's mmu_notifier invalidation may be in progress "
                         "(only its start is traced)")
 R_NO_FAULT = "TDP map without kvm_page_fault (async page fault completion or pre-fault ioctl)"
-KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 
 #: Rows that end a vCPU's fault episode (the guest ran again or exited).
 EPISODE_END = frozenset({"kvm_entry", "kvm_exit", "kvm_pio", "kvm_mmio", "kvm_userspace_exit", "ioctl_ret"})

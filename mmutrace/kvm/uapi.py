@@ -193,6 +193,8 @@ KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 #: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 argument bit: GET_DIRTY_LOG no longer write-protects.
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+#: ...and every page starts dirty, so enabling dirty logging write-protects nothing.
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 
 
 class KvmExit(enum.IntEnum):
