@@ -328,10 +328,11 @@ static __always_inline void mmu_pages_slot(struct mmu_record *r, int slot)
 static __always_inline void learn_direct_map(u64 sp)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid(), zero = 0;
-	u64 *base = direct_map.lookup(&zero), spt = F(sp, kvm_mmu_page__spt);
+	u64 *base = direct_map.lookup(&zero), spt;
 
 	if (!base || *base)
-		return;
+		return;	/* learnt (or no map): no kernel read for the rest of the recording */
+	spt = F(sp, kvm_mmu_page__spt);
 	if ((F(sp, kvm_mmu_page__role) & 0xf) >= 4) {
 		root_spt.update(&tid, &spt);
 		return;
@@ -437,9 +438,9 @@ RAW_TRACEPOINT_PROBE(kvm_mmu_spte_requested)	/* (struct kvm_page_fault *fault) *
 #if WANT_kvm_mmu_set_spte
 RAW_TRACEPOINT_PROBE(kvm_mmu_set_spte)	/* (int level, gfn_t gfn, u64 *sptep) */
 {
-	u32 zero = 0;
-	u64 *base = direct_map.lookup(&zero);
 	BEGIN(kvm_mmu_set_spte, 0, -1);
+	u32 zero = 0;
+	u64 *base = direct_map.lookup(&zero);	/* after the filter: only for recorded events */
 	r->f[0] = ctx->args[1];
 	r->f[1] = rd(ctx->args[2], 0, 8);
 	if (base && *base)
@@ -666,11 +667,9 @@ static __always_inline u64 fd_file(u64 fd)
 	return rd(F(fdt, fdtable__fd), fd * 8, 8);
 }
 
-/* file->private_data of the caller's @fd: the struct kvm of a VM fd, the kvm_vcpu of a vCPU fd. */
-static __always_inline u64 fd_private_data(u64 fd)
+/* @file->private_data: the struct kvm of a VM fd, the kvm_vcpu of a vCPU fd; 0 without a file. */
+static __always_inline u64 file_private_data(u64 file)
 {
-	u64 file = fd_file(fd);
-
 	return file ? F(file, file__private_data) : 0;
 }
 
@@ -757,21 +756,22 @@ static __always_inline u32 record_clear_bitmap(struct mmu_record *r, u64 arg)
 TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 {
 	u32 cmd = args->cmd, event = ioctl_event(cmd);
-	u64 arg = args->arg, obj, vm = 0;
+	u64 arg = args->arg, file, obj, vm = 0;
 	s32 vcpu_id = -1;
 
 	if (((cmd >> 8) & 0xff) != KVMIO)
 		return 0;
 	if (cmd == KVM_RUN) {
-		obj = fd_private_data(args->fd);
+		obj = file_private_data(fd_file(args->fd));
 		learn_vcpu(obj, F(obj, kvm_vcpu__kvm), F(obj, kvm_vcpu__vcpu_id));
 		return 0;
 	}
 	if (event == NR_EVENTS)
 		return 0;
-	if (cmd == KVM_ENABLE_CAP && !is_vm_file(fd_file(args->fd)))
+	file = fd_file(args->fd);
+	if (cmd == KVM_ENABLE_CAP && !is_vm_file(file))
 		return 0;	/* a vCPU capability */
-	obj = fd_private_data(args->fd);
+	obj = file_private_data(file);
 	if (cmd == KVM_SET_SREGS) {
 		vm = F(obj, kvm_vcpu__kvm);
 		vcpu_id = F(obj, kvm_vcpu__vcpu_id);
@@ -845,7 +845,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 	u32 cmd = p->cmd;
 	ioctls.delete(&tid);
 	if (cmd == KVM_CREATE_VM && ret >= 0) {
-		vm = fd_private_data(ret);	/* the new VM's fd */
+		vm = file_private_data(fd_file(ret));	/* the new VM's fd */
 		if (vm)
 			own_vm(bpf_get_current_pid_tgid() >> 32, vm);
 	}
