@@ -23,14 +23,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from mmutrace.kvm.uapi import KVM_MEM_READONLY
+from replay.spte import PAGE_SHIFT
+
 if TYPE_CHECKING:
     from replay.mmu import Memslot
 
-PAGE_SHIFT = 12
 #: Guest PTEs FNAME(pte_prefetch) reads: an 8-aligned group.
 PTE_PREFETCH_NUM = 8
-#: KVM_MEM_READONLY: a write lookup of such a slot's hva fails (KVM_HVA_ERR_RO_BAD).
-KVM_MEM_READONLY = 1 << 1
 
 
 def gfn_to_hva_memslot(slot: Memslot, gfn: int) -> int:

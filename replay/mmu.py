@@ -21,7 +21,7 @@ from replay.guest_memory import GuestMemory
 from replay.paging_tmpl import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK,
                                 PFERR_WRITE_MASK, CpuRole, GuestWalker)
 from replay.shadow_mmu_api import ShadowMmuApi
-from replay.spte import (MMIO_SPTE_GEN_MASK, MmioSpteMasks, get_mmio_spte_access, get_mmio_spte_gfn,
+from replay.spte import (MMIO_SPTE_GEN_MASK, REMOVED_SPTE_LOW, MmioSpteMasks, get_mmio_spte_access, get_mmio_spte_gfn,
                          get_mmio_spte_generation, is_mmio_spte, kvm_mmu_reset_all_pte_masks_mmio, make_mmio_spte,
                          mark_mmio_spte_access)
 from replay.tdp_mmu_api import TdpMmuApi
@@ -44,8 +44,6 @@ R_PML = "dirty-log harvest with PML: the pages the PML buffer logged are untrace
 #: x86 has two memslot address spaces (normal, SMM: CONFIG_KVM_SMM, set in Debian's 6.1 and 6.12):
 #: each keeps its own generation and every update steps it by 2 (kvm_swap_active_memslots).
 KVM_ADDRESS_SPACE_NUM = 2
-#: REMOVED_SPTE / FROZEN_SPTE's low bits: an MMIO value must never match them.
-REMOVED_SPTE_LOW = 0x5A0
 
 # Undecidable reasons of the MMIO path (docs/undecidable.md).
 R_MEMSLOT_GEN = "memslot generation unknown: KVM_CREATE_VM is not in the trace (tracefs, or a capture started later)"

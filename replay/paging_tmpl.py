@@ -15,6 +15,7 @@ import functools
 from dataclasses import dataclass
 
 from replay.role import ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK
+from replay.spte import PAGE_SHIFT
 
 PFERR_PRESENT_MASK = 1 << 0
 PFERR_WRITE_MASK = 1 << 1
@@ -22,7 +23,6 @@ PFERR_USER_MASK = 1 << 2
 PFERR_RSVD_MASK = 1 << 3
 PFERR_FETCH_MASK = 1 << 4
 
-PAGE_SHIFT = 12
 
 
 @dataclass(frozen=True)
@@ -141,10 +141,6 @@ def reset_rsvds_bits_mask(pt: PtType, role: CpuRole) -> tuple[tuple[int, int], .
 _last_rsvds: tuple[PtType | None, CpuRole | None, tuple[tuple[int, int], ...]] = (None, None, ())
 
 
-def is_last_gpte(pt: PtType, level: int, gpte: int) -> bool:
-    return level == 1 or bool(gpte & pt.page_size_mask)
-
-
 def permission_fault(role: CpuRole, pte_access: int, access: int) -> bool:
     """permission_fault() for the fault kinds a CPL3 or emulator walk can ask for (no PKU)."""
     user = bool(access & PFERR_USER_MASK)
@@ -182,7 +178,7 @@ def walk_addr_generic(pt: PtType, role: CpuRole, root_gfn: int, addr: int, acces
     table_gfn = root_gfn
     pte = 0
     # The loop runs once per guest PTE of every fault: gpte_to_gfn_lvl(pte, 1), is_rsvd_bits_set,
-    # gpte_access and is_last_gpte are inlined below on these per-type constants.
+    # the kernel's gpte_access and is_last_gpte are inlined below on these per-type constants.
     index_mask = (1 << pt.index_bits) - 1
     present_mask, page_size_mask, base_addr_mask = pt.present_mask, pt.page_size_mask, pt.base_addr_mask
     access_bits = pt.writable_mask | pt.user_mask | pt.present_mask

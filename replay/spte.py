@@ -14,6 +14,9 @@ from typing import Callable
 from replay.role import ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK
 
 PAGE_SHIFT = 12
+#: REMOVED_SPTE (6.1) / FROZEN_SPTE (6.12+, which also has bit 63, the non-present value): 0x5a0.
+#: A TDP walker skips it; an MMIO value must never match it.
+REMOVED_SPTE_LOW = 0x5A0
 PT_PRESENT_MASK = 1 << 0
 PT_WRITABLE_MASK = 1 << 1
 PT_USER_MASK = 1 << 2

@@ -24,18 +24,15 @@ from replay.decisions import Decision
 from replay.mmu import (FaultIn, FaultInResult, KvmArch, KvmPageFault, Memslot, VcpuMmu,
                         kvm_handle_noslot_fault)
 from replay.role import ACC_ALL
-from replay.spte import (NON_EPT, PT_ACCESSED_MASK, PT_PAGE_SIZE_MASK, PT_PRESENT_MASK, PT_USER_MASK,
-                         PT_WRITABLE_MASK, SPTE_MMU_PRESENT_MASK, is_large_pte, is_last_spte, is_noslot_pfn,
-                         is_shadow_present_pte, is_writable_pte, make_spte, spte_to_pfn)
+from replay.spte import (NON_EPT, PAGE_SHIFT, PT_ACCESSED_MASK, PT_PAGE_SIZE_MASK, PT_PRESENT_MASK, PT_USER_MASK,
+                         PT_WRITABLE_MASK, REMOVED_SPTE_LOW, SPTE_MMU_PRESENT_MASK, is_large_pte, is_last_spte,
+                         is_noslot_pfn, is_shadow_present_pte, is_writable_pte, make_spte, spte_to_pfn)
 
 if TYPE_CHECKING:
     from replay.versions import VersionRules
 
-PAGE_SHIFT = 12
 SPTE_ENT_PER_PAGE = 512
 PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
-#: REMOVED_SPTE (6.1) / FROZEN_SPTE (6.12+, which also has bit 63, the non-present value): 0x5a0.
-REMOVED_SPTE_LOW = 0x5A0
 #: The lab's EPYC CPU model has no LA57, so kvm_mmu_get_tdp_level() is 4 (max_tdp_level).
 TDP_ROOT_LEVEL = 4
 

@@ -189,6 +189,8 @@ KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, kvm_clear_dirty_log)
 
 KVM_API_VERSION = 12
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+#: A write lookup of such a slot's hva fails (KVM_HVA_ERR_RO_BAD).
+KVM_MEM_READONLY = 1 << 1
 
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 #: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 argument bit: GET_DIRTY_LOG no longer write-protects.
