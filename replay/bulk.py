@@ -482,7 +482,7 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
     unmap_rows = last[~fault]
     start, end = col["addr"][unmap_rows], col["end"][unmap_rows]
     hits = iter(zip(col["ts_ns"][unmap_rows].tolist(), start.tolist(), end.tolist(), _unmap_hits(vm, start, end)))
-    rmaps_setdefault = shadow.rmaps.setdefault
+    rmap_add = shadow.rmap_add
     learn_gpte, guest_may_write, gpte_view = shadow.learn_gpte, shadow.guest_may_write, arch.guest.gpte_view
     pte_prefetch_may_map, prefetch_gptes = shadow.pte_prefetch_may_map, shadow.prefetch_gptes
     gfn_to_memslot, learn_pfn = arch.gfn_to_memslot, arch.guest.learn_pfn
@@ -508,7 +508,7 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
             sp.sptes[i] = value
             sp.spte_ts[i] = when
             guest_may_write(1, g, value)
-            rmaps_setdefault((1, g), {})[(sp, i)] = None  # rmap_add: a level-1 page's key
+            rmap_add(sp, i, g)
             if shadow.pte_prefetch_window is not None:
                 vm.fault_done(t, "fixed")
         else:
@@ -529,10 +529,10 @@ def _apply(vm: VmReplay, t: Thread, plan: BatchPlan, e0: int, fits: int, inverse
     lo, hi = walks[e0], walks[e0 + done]
     codes = plan.code[lo:hi]
     for code, kind in KIND_OF.items():
-        _count(vm, kind, int(np.count_nonzero(codes == code)))
+        vm.result.count(kind, "matched", int(np.count_nonzero(codes == code)))
     faults = int(np.count_nonzero(plan.is_fault[e0:e0 + done]))
-    _count(vm, "spte_requested", faults)
-    _count(vm, "set_spte", faults)
+    vm.result.count("spte_requested", "matched", faults)
+    vm.result.count("set_spte", "matched", faults)
     if plan.mmu_max_at[hi - 1] >= lo:
         vm.arch.n_max_mmu_pages = int(col["mmu_max"][plan.mmu_max_at[hi - 1]])
     t.last_ts = vm.arch.now_ns = int(col["ts_ns"][hi - 1])
@@ -555,9 +555,3 @@ def _unmap_hits(vm: VmReplay, start: np.ndarray, end: np.ndarray) -> list[list[t
         last = slot.base_gfn + ((hi - 1 - slot.userspace_addr) >> 12) + 1
         per_slot.append(list(zip((lo < hi).tolist(), first.tolist(), last.tolist())))
     return [[(a, b) for hit, a, b in row if hit] for row in zip(*per_slot)] if per_slot else [[] for _ in start]
-
-
-def _count(vm: VmReplay, kind: str, n: int) -> None:
-    if n:
-        key = (kind, "matched")
-        vm.result.tally[key] = vm.result.tally.get(key, 0) + n

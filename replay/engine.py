@@ -121,9 +121,11 @@ class ReplayResult:
     #: None when the caller did not ask for the model's event stream (it grows with the trace).
     _model_rows: list[dict[str, Any]] | None = field(default_factory=list)
 
-    def count(self, kind: str, verdict: str) -> None:
-        key = (kind, verdict)
-        self.tally[key] = self.tally.get(key, 0) + 1
+    def count(self, kind: str, verdict: str, n: int = 1) -> None:
+        """Add ``n`` decisions of ``kind`` with ``verdict`` (the bulk path adds a run's at once)."""
+        if n:
+            key = (kind, verdict)
+            self.tally[key] = self.tally.get(key, 0) + n
 
     @property
     def by_kind(self) -> dict[str, Counter]:
