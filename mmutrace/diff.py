@@ -686,7 +686,7 @@ def with_inputs(decisions: pa.Table, recorded: pa.Table) -> pa.Table:
 # --------------------------------------------------------------------------------------------
 
 _HEX_FIELDS = frozenset({"gfn", "role", "spte", "old_spte", "new_spte", "addr", "end", "error_code", "sp",
-                         "sptep", "pfn", "slot_base_gfn", "slot_hva"})
+                         "sptep", "sptep_offset", "pfn", "slot_base_gfn", "slot_hva"})
 
 
 def _fmt(name: str, value: Any) -> str:

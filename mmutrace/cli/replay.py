@@ -21,21 +21,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mmutrace.diff import format_value
 from replay.engine import ReplayResult, replay_trace
 
 #: How many divergences the human output shows (``--max-divergences`` caps the JSON list too).
 SHOWN_DIVERGENCES = 10
 
 
-#: Columns shown in hex, as the tracepoints print them.
-HEX_COLUMNS = frozenset({"gfn", "role", "spte", "old_spte", "new_spte", "sptep_offset", "addr", "error_code"})
-
-
 def _values(values: dict[str, Any] | None) -> str:
+    """A decision's fields as `mmutrace diff` shows them (hex for gfns, roles, SPTEs, addresses)."""
     if not values:
         return "-"
-    return ", ".join(f"{k} {v:#x}" if k in HEX_COLUMNS and isinstance(v, int) and not isinstance(v, bool)
-                     else f"{k} {v}" for k, v in values.items())
+    return ", ".join(f"{k} {format_value(k, v)}" for k, v in values.items())
 
 
 def _percent(part: int, whole: int) -> str:
