@@ -21,11 +21,13 @@ from mmutrace.lab.inside import stamp_metadata
 from mmutrace.storage import open_trace
 from replay import engine
 from replay.engine import MMIO_CACHE_EXITS, R_MEMSLOT_UPDATING, R_MMIO_CACHE, replay_trace
-from replay.mmu import KVM_ADDRESS_SPACE_NUM, R_MEMSLOT_GEN, REMOVED_SPTE_LOW
+from replay.mmu import KVM_ADDRESS_SPACE_NUM, R_MEMSLOT_GEN
 from replay.role import ACC_ALL
-from replay.spte import (MMIO_RSVD_PA_VALUE, get_mmio_spte_access, get_mmio_spte_generation, get_mmio_spte_gfn,
-                         is_mmio_spte, kvm_mmu_reset_all_pte_masks_mmio, kvm_mmu_set_mmio_spte_mask, make_mmio_spte)
+from replay.spte import (MMIO_RSVD_PA_VALUE, REMOVED_SPTE_LOW, get_mmio_spte_access, get_mmio_spte_generation,
+                         get_mmio_spte_gfn, is_mmio_spte, kvm_mmu_reset_all_pte_masks_mmio, kvm_mmu_set_mmio_spte_mask,
+                         make_mmio_spte)
 from replay.versions import Split
+from test_tdp_mmu import only_divergence, rewrite
 
 LAB = Path(__file__).resolve().parent.parent / "examples" / "lab"
 MMIO_TRACES = sorted(LAB.glob("*-bcc/mmio.parquet"))
@@ -162,23 +164,12 @@ def test_without_the_vms_creation_the_generation_is_undecidable(path, tmp_path):
 # ---- tamper tests: one changed MMIO decision, one divergence, at that event
 
 
-def only_divergence(path: Path) -> dict:
-    result = replay_trace(path).to_json()
-    assert result["mismatched"] + result["missing"] + result["extra"] == 1, result["divergences"]
-    return result["divergences"][0]
-
-
 def rewrite_one(src: Path, dst: Path, event: str, column: str, change) -> int:
     """Copy a trace with ``column`` of the first ``event`` row changed; return its ts_ns."""
-    table = pq.read_table(src)
-    rows = table.to_pylist()
+    rows = pq.read_table(src).to_pylist()
     i = next(i for i, r in enumerate(rows) if r["event"] == event and (event != "kvm_tdp_mmu_spte_changed"
                                                                            or is_mmio_spte(MASKS, r["new_spte"])))
-    values = table.column(column).to_pylist()
-    values[i] = change(values[i])
-    pq.write_table(table.set_column(table.schema.get_field_index(column), column,
-                                    pa.array(values, table.schema.field(column).type)), dst)
-    return rows[i]["ts_ns"]
+    return rewrite(src, dst, i, column, change(rows[i][column]))
 
 
 @pytest.mark.parametrize("path", TDP_MMIO, ids=trace_id)
@@ -258,16 +249,12 @@ def test_mmio_decisions_during_another_threads_memslot_update_are_undecidable(pa
 def test_an_exit_that_may_clear_the_mmio_cache_makes_the_next_mmio_fault_undecidable(path, tmp_path):
     """A CR3 write (SVM_EXIT_WRITE_CR3) may have cleared the vCPU's cached MMIO access: the next
     MMIO fault is undecidable by name, and the access it caches makes the cache known again."""
-    table = pq.read_table(path)
-    rows = table.to_pylist()
+    rows = pq.read_table(path).to_pylist()
     i = [i for i, r in enumerate(rows) if r["event"] == "handle_mmio_page_fault"][10]
     exit_row = max(j for j in range(i) if rows[j]["event"] == "kvm_exit")
-    reasons = table.column("exit_reason").to_pylist()
     assert open_trace(path).metadata["kvm_backend"] == "kvm_amd" and 0x013 in MMIO_CACHE_EXITS["kvm_amd"]
-    reasons[exit_row] = 0x013
     cr3 = tmp_path / "cr3.parquet"
-    pq.write_table(table.set_column(table.schema.get_field_index("exit_reason"), "exit_reason",
-                                    pa.array(reasons, table.schema.field("exit_reason").type)), cr3)
+    rewrite(path, cr3, exit_row, "exit_reason", 0x013)
     before, after = replay_trace(path).to_json(), replay_trace(cr3).to_json()
     assert (after["mismatched"], after["missing"], after["extra"]) == (0, 0, 0), after["divergences"][:3]
     assert after["undecidable_reasons"][R_MMIO_CACHE] == 1
@@ -317,14 +304,10 @@ def test_each_memslot_update_steps_the_recorded_generation_as_modelled(path):
 @pytest.mark.parametrize("path", CHURN_TRACES, ids=trace_id)
 def test_changing_the_generation_of_one_stale_remark_is_caught_there(path, tmp_path):
     """A mark made after check_mmio_spte found the old SPTE stale (the flags phase)."""
-    table = pq.read_table(path)
     flags_start = next(m["ts_ns"] for m in open_trace(path).metadata["markers"] if m["text"].endswith(":flags"))
-    rows = table.to_pylist()
+    rows = pq.read_table(path).to_pylist()
     i = next(i for i, r in enumerate(rows) if r["event"] == "mark_mmio_spte" and r["ts_ns"] >= flags_start)
-    gens = table.column("gen").to_pylist()
-    gens[i] -= KVM_ADDRESS_SPACE_NUM  # the generation before the flags change
     dst = tmp_path / "tampered.parquet"
-    pq.write_table(table.set_column(table.schema.get_field_index("gen"), "gen",
-                                    pa.array(gens, table.schema.field("gen").type)), dst)
+    rewrite(path, dst, i, "gen", rows[i]["gen"] - KVM_ADDRESS_SPACE_NUM)  # the generation before the flags change
     div = only_divergence(dst)
     assert (div["ts_ns"], div["verdict"], div["kind"]) == (rows[i]["ts_ns"], "mismatch", "mark_mmio_spte")
