@@ -95,7 +95,7 @@ def repair(path: str | os.PathLike[str]) -> Path:
         flushed = _flushed_keys(partial)
         for chunk in chunks:
             records = chunk_records(chunk)
-            keys = records["cpu"].astype(np.uint64) << np.uint64(32) | records["seq"].astype(np.uint64)
+            keys = _row_keys(records["cpu"], records["seq"])
             storage.append_segment(partial, decode([records[~np.isin(keys, flushed)]]), metadata, CHUNK_RECORDS)
             chunk.unlink()
     lost_file = partial / LOST_NAME
@@ -106,12 +106,17 @@ def repair(path: str | os.PathLike[str]) -> Path:
                           "loss counted up to the last spooled chunk")
 
 
+def _row_keys(cpu: np.ndarray, seq: np.ndarray) -> np.ndarray:
+    """cpu << 32 | seq: a recording's unique row key (seq counts per CPU)."""
+    return cpu.astype(np.uint64) << np.uint64(32) | seq.astype(np.uint64)
+
+
 def _flushed_keys(partial: Path) -> np.ndarray:
-    """(cpu << 32 | seq) of every row already in a segment: a recording's unique row key."""
+    """The row key of every row already in a segment."""
     keys = [np.zeros(0, np.uint64)]
     for segment in partial.glob("seg-*.parquet"):
         table = pq.read_table(segment, columns=["cpu", "seq"])
-        keys.append(table["cpu"].to_numpy().astype(np.uint64) << np.uint64(32) | table["seq"].to_numpy().astype(np.uint64))
+        keys.append(_row_keys(table["cpu"].to_numpy(), table["seq"].to_numpy()))
     return np.concatenate(keys)
 
 
